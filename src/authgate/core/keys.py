@@ -1,0 +1,136 @@
+"""Signing keys per realm: creation, rotation, the published JWKS, and token verification keys.
+
+Private keys are stored encrypted under the master secret, bound to their ``kid``. Rotation makes
+a new active key and retires the old one, which stays in the JWKS until every token it could have
+signed has expired. Parsed keys are cached for ``key_cache_seconds``: after a rotation on one
+node, another may sign with the previous key for that long, which is harmless because the
+previous key is still published.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import Realm, SigningKey
+from authgate.core.ports import Tx
+from authgate.crypto import jwt as jwtlib
+
+if TYPE_CHECKING:
+    from authgate.core.engine import Core
+
+_PURPOSE = "signing-key"
+
+
+class Keys:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._signers: dict[str, tuple[float, jwtlib.Signer]] = {}
+        self._jwks: dict[str, tuple[float, bytes]] = {}
+        self._public: dict[str, tuple[str, str, Any]] = {}  # kid -> (realm_id, alg, key)
+
+    @property
+    def max_token_lifetime(self) -> timedelta:
+        """How long a token signed now can stay valid: how long a retired key stays published."""
+        s = self.core.settings
+        return timedelta(seconds=max(s.access_token_ttl, s.id_token_ttl, s.refresh_token_ttl)
+                         + 60)
+
+    def _new_record(self, realm: Realm, alg: str) -> SigningKey:
+        material = jwtlib.generate_key(alg)
+        return SigningKey(
+            kid=material.kid, realm_id=realm.id, alg=alg, public_jwk=material.public_jwk,
+            private_enc=self.core.box.encrypt(_PURPOSE, material.private_pem, material.kid),
+            status="active", created_at=self.core.now(),
+        )
+
+    async def create_first(self, tx: Tx, realm: Realm) -> SigningKey:
+        key = self._new_record(realm, self.core.settings.signing_alg)
+        await tx.signing_keys.add(key)
+        return key
+
+    async def rotate(self, realm: Realm, alg: str | None = None) -> SigningKey:
+        alg = alg or self.core.settings.signing_alg
+        if alg not in jwtlib.ALGORITHMS:
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"Unsupported algorithm {alg!r}.")
+        now = self.core.now()
+        key = self._new_record(realm, alg)
+        async with self.core.store.transaction(write=True) as tx:
+            previous = await tx.signing_keys.active(realm.id)
+            if previous is not None:
+                await tx.signing_keys.retire(previous.kid, now, now + self.max_token_lifetime)
+            await tx.signing_keys.add(key)
+            await self.core.audit.record(tx, "keys.rotated", realm_id=realm.id, kid=key.kid,
+                                         previous=previous.kid if previous else None)
+        self._signers.pop(realm.id, None)
+        self._jwks.pop(realm.id, None)
+        return key
+
+    async def list(self, realm: Realm) -> list[SigningKey]:
+        async with self.core.store.transaction() as tx:
+            return await tx.signing_keys.list(realm.id)
+
+    async def signer(self, realm: Realm) -> jwtlib.Signer:
+        cached = self._signers.get(realm.id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        async with self.core.store.transaction() as tx:
+            key = await tx.signing_keys.active(realm.id)
+        if key is None:  # a realm made by an older version, or keys deleted by hand
+            async with self.core.store.transaction(write=True) as tx:
+                key = await tx.signing_keys.active(realm.id) or await self.create_first(tx, realm)
+        pem = self.core.box.decrypt(_PURPOSE, key.private_enc, key.kid)
+        signer = jwtlib.Signer(key.kid, key.alg, pem)
+        self._signers[realm.id] = (time.monotonic() + self.core.settings.key_cache_seconds, signer)
+        return signer
+
+    async def sign(self, realm: Realm, claims: dict[str, Any], *, typ: str = "JWT") -> str:
+        return (await self.signer(realm)).sign(claims, typ=typ)
+
+    async def jwks(self, realm: Realm) -> bytes:
+        """The realm's published public keys, serialised once per cache period."""
+        cached = self._jwks.get(realm.id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        async with self.core.store.transaction() as tx:
+            keys = await tx.signing_keys.published(realm.id, self.core.now())
+        body = orjson.dumps({"keys": [key.public_jwk for key in keys]})
+        self._jwks[realm.id] = (time.monotonic() + self.core.settings.key_cache_seconds, body)
+        return body
+
+    async def public_key(self, kid: str) -> tuple[str, str, Any]:
+        """(realm id, alg, key) for a kid we issued; INVALID_TOKEN for anything else."""
+        found = self._public.get(kid)
+        if found is not None:
+            return found
+        async with self.core.store.transaction() as tx:
+            record = await tx.signing_keys.get(kid)
+        if record is None:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        found = (record.realm_id, record.alg, jwtlib.load_public_jwk(record.public_jwk))
+        if len(self._public) > 10_000:
+            self._public.clear()
+        self._public[kid] = found
+        return found
+
+    async def verify(self, realm: Realm, token: str, *, issuer: str | None,
+                     audience: str | list[str] | None,
+                     require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:
+        """Verify a JWT that this realm signed; the token's header never picks the algorithm."""
+        try:
+            header = jwtlib.unverified_header(token)
+            kid = header.get("kid")
+            if not isinstance(kid, str):
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            realm_id, alg, key = await self.public_key(kid)
+            if realm_id != realm.id or header.get("alg") != alg:
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            return jwtlib.verify(token, key, alg, issuer=issuer, audience=audience,
+                                 require=require)
+        except jwtlib.TokenError as exc:
+            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.INVALID_TOKEN
+            raise AuthError(code) from None

@@ -1,0 +1,102 @@
+"""Realms: the isolation boundary. Each has its own users, keys, settings and issuer URL."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from typing import TYPE_CHECKING, Any
+
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import REALM_DEFAULTS, Realm
+from authgate.core.ports import Conflict
+from authgate.crypto.tokens import new_id
+
+if TYPE_CHECKING:
+    from authgate.core.engine import Core
+
+DEFAULT_REALM = "default"
+REALM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PROJECT_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_project_id() -> str:
+    """A Descope-style project id: ``P`` and 27 letters or digits."""
+    return "P" + "".join(secrets.choice(_PROJECT_ALPHABET) for _ in range(27))
+
+
+class Realms:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def issuer(self, realm: Realm) -> str:
+        base = self.core.settings.issuer
+        return base if realm.name == DEFAULT_REALM else f"{base}/realms/{realm.name}"
+
+    def audience(self, realm: Realm) -> str:
+        return realm.setting("audience") or self.issuer(realm)
+
+    async def create(self, name: str, *, display_name: str | None = None,
+                     settings: dict[str, Any] | None = None) -> Realm:
+        if not REALM_NAME.match(name):
+            raise AuthError(ErrorCode.INVALID_REQUEST,
+                            "A realm name is 1-63 lowercase letters, digits, '-' or '_'.")
+        unknown = set(settings or {}) - set(REALM_DEFAULTS)
+        if unknown:
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown realm settings: {sorted(unknown)}")
+        realm = Realm(id=new_id(), name=name, display_name=display_name or name,
+                      project_id=new_project_id(), settings=dict(settings or {}),
+                      created_at=self.core.now())
+        try:
+            async with self.core.store.transaction(write=True) as tx:
+                await tx.realms.add(realm)
+                await self.core.keys.create_first(tx, realm)
+                await self.core.audit.record(tx, "realm.created", realm_id=realm.id, name=name)
+        except Conflict:
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"Realm {name!r} already exists.") from None
+        return realm
+
+    async def ensure_default(self) -> Realm:
+        realm = await self.by_name(DEFAULT_REALM)
+        if realm is not None:
+            return realm
+        try:
+            return await self.create(DEFAULT_REALM, display_name="Default")
+        except AuthError:  # another node created it first
+            realm = await self.by_name(DEFAULT_REALM)
+            assert realm is not None
+            return realm
+
+    async def by_name(self, name: str) -> Realm | None:
+        async with self.core.store.transaction() as tx:
+            return await tx.realms.by_name(name)
+
+    async def require(self, name: str) -> Realm:
+        realm = await self.by_name(name)
+        if realm is None:
+            raise AuthError(ErrorCode.REALM_NOT_FOUND)
+        return realm
+
+    async def by_project_id(self, project_id: str) -> Realm | None:
+        async with self.core.store.transaction() as tx:
+            return await tx.realms.by_project_id(project_id)
+
+    async def get(self, realm_id: str) -> Realm | None:
+        async with self.core.store.transaction() as tx:
+            return await tx.realms.get(realm_id)
+
+    async def list(self) -> list[Realm]:
+        async with self.core.store.transaction() as tx:
+            return await tx.realms.list()
+
+    async def update_settings(self, realm: Realm, changes: dict[str, Any]) -> Realm:
+        unknown = set(changes) - set(REALM_DEFAULTS)
+        if unknown:
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown realm settings: {sorted(unknown)}")
+        merged = {**realm.settings, **changes}
+        async with self.core.store.transaction(write=True) as tx:
+            await tx.realms.update_settings(realm.id, merged)
+            await self.core.audit.record(tx, "realm.settings_changed", realm_id=realm.id,
+                                         changes=sorted(changes))
+        realm.settings = merged
+        return realm

@@ -1,0 +1,307 @@
+"""Sessions, refresh-token families, and the JWTs issued for them.
+
+A session is one successful sign-in. Its refresh tokens are opaque random strings stored only as
+SHA-256 digests, and every use rotates them. Presenting a rotated token again is reuse: the whole
+session is revoked, except within ``refresh_grace_seconds`` of the rotation, when the caller gets
+the same successor (concurrent refreshes from one client must not sign it out). The successor is
+kept encrypted on its parent row for that purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from authgate.core import audit as events
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import ClientInfo, Realm, RefreshToken, Session, User
+from authgate.crypto.secretbox import DecryptionError
+from authgate.crypto.tokens import digest, new_id, new_token
+
+if TYPE_CHECKING:
+    from authgate.core.engine import Core
+
+_SUCCESSOR = "refresh-successor"
+
+
+@dataclass(slots=True)
+class Tokens:
+    """What a sign-in or a refresh hands back: the session, its JWTs and its refresh token."""
+
+    session: Session
+    user: User
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    id_token: str | None = None
+    claims: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Principal:
+    """The bearer of a verified access token, with a live session."""
+
+    realm: Realm
+    claims: dict[str, Any]
+    session: Session
+
+    @property
+    def user_id(self) -> str:
+        return self.session.user_id
+
+
+ClaimsBuilder = Any  # async callable(realm, user, session) -> dict of extra access-token claims
+
+
+class Sessions:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    # Starting a session.
+
+    async def start(self, realm: Realm, user: User, *, amr: list[str],
+                    client: ClientInfo | None = None, organisation_id: str | None = None,
+                    device_id: str | None = None, client_id: str | None = None,
+                    nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
+                    with_id_token: bool = True) -> Tokens:
+        client = client or ClientInfo()
+        now = self.core.now()
+        s = self.core.settings
+        session = Session(
+            id=new_id(), realm_id=realm.id, user_id=user.id, amr=list(dict.fromkeys(amr)),
+            created_at=now, last_used_at=now, expires_at=now + timedelta(seconds=s.session_ttl),
+            organisation_id=organisation_id, device_id=device_id, client_id=client_id,
+            ip=client.ip, user_agent=(client.user_agent or "")[:512] or None,
+        )
+        raw, token = self._new_refresh(session, parent_id=None)
+        user.last_sign_in_at = now
+        async with self.core.store.transaction(write=True) as tx:
+            await tx.sessions.add(session)
+            await tx.refresh_tokens.add(token)
+            await tx.users.update(user)
+            await self.core.audit.record(tx, events.SIGN_IN, realm_id=realm.id, user_id=user.id,
+                                         session_id=session.id, organisation_id=organisation_id,
+                                         client=client, amr=session.amr)
+        return await self._tokens(realm, user, session, raw, nonce=nonce,
+                                  extra_claims=extra_claims, with_id_token=with_id_token)
+
+    def _new_refresh(self, session: Session, parent_id: str | None) -> tuple[str, RefreshToken]:
+        raw = new_token(32)
+        now = self.core.now()
+        ttl = timedelta(seconds=self.core.settings.refresh_token_ttl)
+        return raw, RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(raw),
+                                 created_at=now, expires_at=min(now + ttl, session.expires_at),
+                                 parent_id=parent_id)
+
+    # Tokens.
+
+    def access_claims(self, realm: Realm, user: User, session: Session) -> dict[str, Any]:
+        now = int(self.core.now().timestamp())
+        claims: dict[str, Any] = {
+            "iss": self.core.realms.issuer(realm),
+            "sub": user.id,
+            "aud": self.core.realms.audience(realm),
+            "iat": now,
+            "exp": now + self.core.settings.access_token_ttl,
+            "jti": new_id(),
+            "sid": session.id,
+            "amr": session.amr,
+        }
+        if session.client_id:
+            claims["azp"] = session.client_id
+        if user.roles:
+            claims["roles"] = user.roles
+        if session.organisation_id:
+            claims["org"] = session.organisation_id
+        return claims
+
+    def id_claims(self, realm: Realm, user: User, session: Session,
+                  nonce: str | None) -> dict[str, Any]:
+        now = int(self.core.now().timestamp())
+        claims: dict[str, Any] = {
+            "iss": self.core.realms.issuer(realm),
+            "sub": user.id,
+            "aud": session.client_id or self.core.realms.audience(realm),
+            "iat": now,
+            "exp": now + self.core.settings.id_token_ttl,
+            "auth_time": int(session.created_at.timestamp()),
+            "sid": session.id,
+            "amr": session.amr,
+        }
+        claims.update(profile_claims(user))
+        if nonce:
+            claims["nonce"] = nonce
+        return claims
+
+    async def _tokens(self, realm: Realm, user: User, session: Session, raw_refresh: str, *,
+                      nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
+                      with_id_token: bool = True) -> Tokens:
+        claims = self.access_claims(realm, user, session)
+        if extra_claims:
+            claims.update({k: v for k, v in extra_claims.items() if k not in RESERVED_CLAIMS})
+        signer = await self.core.keys.signer(realm)
+        id_token = (signer.sign(self.id_claims(realm, user, session, nonce))
+                    if with_id_token else None)
+        return Tokens(session=session, user=user, access_token=signer.sign(claims, typ="at+jwt"),
+                      expires_in=self.core.settings.access_token_ttl, refresh_token=raw_refresh,
+                      id_token=id_token, claims=claims)
+
+    # Refreshing.
+
+    async def refresh(self, realm: Realm, raw: str, client: ClientInfo | None = None, *,
+                      extra_claims: dict[str, Any] | None = None,
+                      with_id_token: bool = True) -> Tokens:
+        """Rotate a refresh token. Reuse outside the grace window revokes the session."""
+        if not raw or len(raw) > 512:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        now = self.core.now()
+        grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
+        reused: Session | None = None
+        async with self.core.store.transaction(write=True) as tx:
+            token = await tx.refresh_tokens.by_hash(digest(raw), lock=True)
+            session = await tx.sessions.get(token.session_id) if token else None
+            if token is None or session is None or session.realm_id != realm.id:
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            if session.revoked_at is not None:
+                raise AuthError(ErrorCode.SESSION_REVOKED)
+            if session.expires_at <= now or token.expires_at <= now:
+                raise AuthError(ErrorCode.TOKEN_EXPIRED)
+            user = await tx.users.get(session.user_id)
+            if user is None or user.status != "active":
+                raise AuthError(ErrorCode.USER_DISABLED)
+            if token.rotated_at is None:
+                successor_raw, successor = self._new_refresh(session, parent_id=token.id)
+                await tx.refresh_tokens.add(successor)
+                sealed = self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token.id)
+                if not await tx.refresh_tokens.mark_rotated(token.id, now, successor.id, sealed):
+                    raise AuthError(ErrorCode.INVALID_TOKEN)  # lost a race the lock prevents
+                await tx.sessions.touch(session.id, now)
+                await self.core.audit.record(tx, events.REFRESHED, realm_id=realm.id,
+                                             user_id=user.id, session_id=session.id,
+                                             client=client)
+            else:
+                successor_raw = await self._grace_successor(tx, token, now, grace)
+                if successor_raw is None:
+                    await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+                    await self.core.audit.record(tx, events.REFRESH_REUSED, realm_id=realm.id,
+                                                 user_id=user.id, session_id=session.id,
+                                                 client=client)
+                    reused = session
+        if reused is not None:
+            raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
+        return await self._tokens(realm, user, session, successor_raw,
+                                  extra_claims=extra_claims, with_id_token=with_id_token)
+
+    async def _grace_successor(self, tx: Any, token: RefreshToken, now: Any,
+                               grace: timedelta) -> str | None:
+        """Within the grace window, the still-unused successor of a just-rotated token."""
+        if token.rotated_at is None or now - token.rotated_at > grace:
+            return None
+        if token.successor_id is None or token.successor_enc is None:
+            return None
+        successor = await tx.refresh_tokens.get(token.successor_id)
+        if successor is None or successor.rotated_at is not None:
+            return None
+        try:
+            return self.core.box.decrypt(_SUCCESSOR, token.successor_enc, token.id).decode()
+        except DecryptionError:
+            return None
+
+    # Verifying access tokens.
+
+    async def authenticate(self, realm: Realm, access_token: str, *,
+                           issuer: str | None = None,
+                           audience: str | list[str] | None = None,
+                           subject_claim: str = "sub") -> Principal:
+        """Verify an access token and that its session is still live. ``subject_claim`` names
+        the claim that carries the user id (a dialect's tokens may put it elsewhere)."""
+        claims = await self.core.keys.verify(
+            realm, access_token,
+            issuer=issuer if issuer is not None else self.core.realms.issuer(realm),
+            audience=audience if audience is not None else self.core.realms.audience(realm))
+        session_id = claims.get("sid")
+        if not isinstance(session_id, str):
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        session = await self.live_session(session_id)
+        if claims.get(subject_claim) != session.user_id:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        return Principal(realm=realm, claims=claims, session=session)
+
+    async def live_session(self, session_id: str) -> Session:
+        async with self.core.store.transaction() as tx:
+            session = await tx.sessions.get(session_id)
+        if session is None:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        if not session.is_live(self.core.now()):
+            raise AuthError(ErrorCode.SESSION_REVOKED)
+        return session
+
+    # Ending sessions.
+
+    async def revoke(self, realm: Realm, session_id: str, *, reason: str = "signed_out",
+                     user_id: str | None = None, client: ClientInfo | None = None) -> bool:
+        """End one session; ``user_id`` restricts it to that user's own sessions."""
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            session = await tx.sessions.get(session_id)
+            if session is None or session.realm_id != realm.id or (
+                    user_id is not None and session.user_id != user_id):
+                return False
+            revoked = await tx.sessions.revoke(session_id, now, reason)
+            if revoked:
+                await self.core.audit.record(
+                    tx, events.SIGNED_OUT if reason == "signed_out" else events.SESSION_REVOKED,
+                    realm_id=realm.id, user_id=session.user_id, session_id=session_id,
+                    client=client, reason=reason)
+            return revoked
+
+    async def revoke_all(self, realm: Realm, user_id: str, *, except_session_id: str | None = None,
+                         client: ClientInfo | None = None) -> int:
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            ids = await tx.sessions.revoke_for_user(user_id, now, "signed_out_all",
+                                                    except_session_id=except_session_id)
+            await self.core.audit.record(tx, events.SIGNED_OUT_ALL, realm_id=realm.id,
+                                         user_id=user_id, client=client, count=len(ids))
+        return len(ids)
+
+    async def revoke_refresh_token(self, realm: Realm, raw: str,
+                                   client: ClientInfo | None = None) -> bool:
+        """RFC 7009: revoking a refresh token ends its session. Unknown tokens are ignored."""
+        async with self.core.store.transaction() as tx:
+            token = await tx.refresh_tokens.by_hash(digest(raw)) if raw else None
+        if token is None:
+            return False
+        return await self.revoke(realm, token.session_id, reason="token_revoked", client=client)
+
+    async def session_for_refresh_token(self, realm: Realm, raw: str) -> Session | None:
+        async with self.core.store.transaction() as tx:
+            token = await tx.refresh_tokens.by_hash(digest(raw)) if raw else None
+            session = await tx.sessions.get(token.session_id) if token else None
+        if session is None or session.realm_id != realm.id:
+            return None
+        return session
+
+    async def list_for_user(self, realm: Realm, user_id: str) -> list[Session]:
+        async with self.core.store.transaction() as tx:
+            sessions = await tx.sessions.for_user(user_id, live_at=self.core.now())
+        return [s for s in sessions if s.realm_id == realm.id]
+
+
+RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "amr",
+                             "azp", "auth_time", "nonce", "acr", "cnf"})
+
+
+def profile_claims(user: User) -> dict[str, Any]:
+    """OpenID Connect standard claims for a user, without empty values."""
+    claims: dict[str, Any] = {
+        "email": user.email, "email_verified": user.email_verified if user.email else None,
+        "phone_number": user.phone,
+        "phone_number_verified": user.phone_verified if user.phone else None,
+        "name": user.display_name, "given_name": user.given_name,
+        "middle_name": user.middle_name, "family_name": user.family_name,
+        "preferred_username": user.username, "picture": user.picture,
+        "updated_at": int(user.updated_at.timestamp()),
+    }
+    return {k: v for k, v in claims.items() if v is not None}

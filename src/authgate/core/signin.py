@@ -1,0 +1,104 @@
+"""Password sign-in: identify and verify a user, safely.
+
+An unknown login id and a wrong password do the same work (a dummy Argon2id verification) and
+get the same answer unless the realm's ``reveal_unknown_users`` allows telling them apart.
+Attempts are throttled per login id and per client address; an imported hash is replaced by an
+Argon2id hash on the first successful sign-in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from authgate.core import audit as events
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import ClientInfo, Realm, User
+from authgate.core.throttle import ThrottleKey
+
+if TYPE_CHECKING:
+    from authgate.core.engine import Core
+
+
+class SignIn:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def _throttle_keys(self, realm: Realm, login_id: str, user: User | None,
+                             client: ClientInfo) -> list[ThrottleKey]:
+        """The per-login key moves to a per-device key when the request comes from a device the
+        user has signed in from before, so strangers' failures cannot lock the owner out."""
+        throttle = self.core.throttle
+        device_id = None
+        if user is not None and client.device_key:
+            async with self.core.store.transaction() as tx:
+                device = await tx.devices.by_key(client.device_key)
+            if device and device.user_id == user.id and device.revoked_at is None:
+                device_id = device.id
+        keys = [throttle.login_key(realm.id, login_id, device_id)]
+        address = throttle.address_key(realm.id, client.ip)
+        if address is not None:
+            keys.append(address)
+        return keys
+
+    async def password(self, realm: Realm, login_id: str, password: str,
+                       client: ClientInfo | None = None) -> User:
+        """Return the user whose login id and password these are, or raise AuthError."""
+        client = client or ClientInfo()
+        if not login_id or not password or len(password) > self.core.settings.password_max_length:
+            # Oversized passwords are refused before any hashing (a cheap denial of service).
+            raise AuthError(ErrorCode.INVALID_CREDENTIALS)
+        async with self.core.store.transaction() as tx:
+            user = await tx.users.by_login_id(realm.id, login_id)
+            creds = await tx.credentials.for_user(user.id, "password") if user else []
+        keys = await self._throttle_keys(realm, login_id, user, client)
+        try:
+            await self.core.throttle.check(keys)
+        except AuthError:
+            async with self.core.store.transaction(write=True) as tx:
+                await self.core.audit.record(tx, events.THROTTLED, realm_id=realm.id,
+                                             user_id=user.id if user else None, client=client)
+            raise
+
+        if user is None or not creds:
+            await self.core.hasher.dummy_verify(password)
+            await self._fail(realm, keys, login_id, None, ErrorCode.USER_NOT_FOUND, client)
+        assert user is not None
+        credential = creds[0]
+        result = await self.core.hasher.verify(credential.secret, password)
+        if not result.ok:
+            await self._fail(realm, keys, login_id, user, ErrorCode.WRONG_PASSWORD, client)
+
+        rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            await self.core.throttle.clear(tx, keys[0])
+            if rehashed is not None:
+                credential.secret, credential.updated_at = rehashed, now
+                await tx.credentials.update(credential)
+                await self.core.audit.record(tx, events.PASSWORD_REHASHED, realm_id=realm.id,
+                                             user_id=user.id)
+        if user.status != "active":
+            # Told only to someone who knows the password.
+            raise AuthError(ErrorCode.USER_DISABLED)
+        return user
+
+    async def _fail(self, realm: Realm, keys: list[ThrottleKey], login_id: str,
+                    user: User | None, reason: ErrorCode, client: ClientInfo) -> None:
+        async with self.core.store.transaction(write=True) as tx:
+            await self.core.throttle.record_failure(tx, keys)
+            await self.core.audit.record(tx, events.SIGN_IN_FAILED, realm_id=realm.id,
+                                         user_id=user.id if user else None, client=client,
+                                         reason=reason.value, login_id=login_id[:320])
+        if realm.setting("reveal_unknown_users"):
+            raise AuthError(reason)
+        raise AuthError(ErrorCode.INVALID_CREDENTIALS)
+
+    async def check_password(self, user: User, password: str) -> bool:
+        """Verify a known user's password (for re-authentication), with no throttling side
+        effects; callers that face the network should throttle around it."""
+        async with self.core.store.transaction() as tx:
+            creds = await tx.credentials.for_user(user.id, "password")
+        if not creds:
+            await self.core.hasher.dummy_verify(password)
+            return False
+        return (await self.core.hasher.verify(creds[0].secret, password)).ok

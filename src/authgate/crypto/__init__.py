@@ -1,0 +1,1 @@
+"""Cryptography behind a narrow API: callers never choose algorithms, nonces or encodings."""

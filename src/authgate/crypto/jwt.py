@@ -1,0 +1,139 @@
+"""Signing keys and JWTs: generation, JWK export, signing with ``kid``, verification.
+
+Only the algorithms named in ``ALGORITHMS`` are ever accepted when verifying our own tokens; a
+token's ``alg`` header never chooses the key type. HS256 exists only for verifying tokens that a
+customer signs with a shared secret (``verify_hs256``), where the dialect requires it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+ALGORITHMS = ("EdDSA", "ES256", "RS256")
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+class TokenError(Exception):
+    """A token failed verification; ``expired`` tells an expired but well-signed one apart."""
+
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.expired = expired
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    kid: str
+    alg: str
+    private_pem: bytes
+    public_jwk: dict[str, Any]
+
+
+def generate_key(alg: str) -> KeyMaterial:
+    if alg == "EdDSA":
+        private: PrivateKey = ed25519.Ed25519PrivateKey.generate()
+    elif alg == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    elif alg == "RS256":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        raise ValueError(f"unsupported signing algorithm {alg!r}")
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    jwk = public_jwk(private.public_key(), alg)
+    kid = jwk_thumbprint(jwk)
+    jwk.update({"kid": kid, "alg": alg, "use": "sig"})
+    return KeyMaterial(kid=kid, alg=alg, private_pem=pem, public_jwk=jwk)
+
+
+def public_jwk(public: PublicKey, alg: str) -> dict[str, Any]:
+    exporter = {"EdDSA": OKPAlgorithm, "ES256": ECAlgorithm, "RS256": RSAAlgorithm}[alg]
+    return dict(exporter.to_jwk(public, as_dict=True))
+
+
+_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"),
+                       "RSA": ("e", "kty", "n")}
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 thumbprint: a stable, content-derived ``kid``."""
+    members = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[jwk["kty"]]}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).decode().rstrip("=")
+
+
+def load_private_key(pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey,
+                            rsa.RSAPrivateKey)):
+        raise ValueError("unsupported private key type")
+    return key
+
+
+def load_public_jwk(jwk: dict[str, Any]) -> Any:
+    return jwt.PyJWK.from_dict(jwk).key
+
+
+class Signer:
+    """Signs claims with one private key; caches the parsed key."""
+
+    __slots__ = ("kid", "alg", "_key")
+
+    def __init__(self, kid: str, alg: str, private_pem: bytes) -> None:
+        self.kid, self.alg = kid, alg
+        self._key = load_private_key(private_pem)
+
+    def sign(self, claims: dict[str, Any], *, typ: str = "JWT") -> str:
+        return jwt.encode(claims, self._key, algorithm=self.alg,
+                          headers={"kid": self.kid, "typ": typ})
+
+
+def unverified_header(token: str) -> dict[str, Any]:
+    try:
+        return jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise TokenError("malformed token") from exc
+
+
+def verify(token: str, key: Any, alg: str, *, issuer: str | None = None,
+           audience: str | list[str] | None = None, leeway: float = 30,
+           require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:
+    """Verify a token signed with one of our asymmetric keys."""
+    if alg not in ALGORITHMS:
+        raise TokenError("unsupported algorithm")
+    return _decode(token, key, [alg], issuer=issuer, audience=audience, leeway=leeway,
+                   require=require)
+
+
+def verify_hs256(token: str, secret: bytes, *, audience: str | list[str] | None = None,
+                 issuer: str | None = None, leeway: float = 30,
+                 require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Verify a customer-signed token made with a shared secret (HS256 only; never ``none``)."""
+    return _decode(token, secret, ["HS256"], issuer=issuer, audience=audience, leeway=leeway,
+                   require=require)
+
+
+def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
+            audience: str | list[str] | None, leeway: float,
+            require: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {"require": list(require), "verify_aud": audience is not None}
+    try:
+        return jwt.decode(token, key, algorithms=algorithms, audience=audience, issuer=issuer,
+                          leeway=leeway, options=options)
+    except jwt.ExpiredSignatureError as exc:
+        raise TokenError("token expired", expired=True) from exc
+    except jwt.PyJWTError as exc:
+        raise TokenError(f"invalid token: {type(exc).__name__}") from exc
+    except (ValueError, TypeError) as exc:
+        raise TokenError("malformed token") from exc

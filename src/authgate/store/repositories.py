@@ -1,0 +1,544 @@
+"""SQL implementations of the core's repository interfaces (see ``core/ports.py``).
+
+Each repository wraps the one connection of its transaction. Rows map to the core's dataclasses
+by column name, so a table and its record stay in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from authgate.core import models as m
+from authgate.core.models import normalise_login_id
+from authgate.core.ports import Conflict
+from authgate.store import tables as t
+
+R = TypeVar("R")
+
+
+def _record(cls: type[R], row: Any) -> R:
+    return cls(**dict(row._mapping))
+
+
+def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+
+
+class _Repo:
+    table: Table
+    record: type[Any]
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def _insert(self, obj: Any, *, skip: Sequence[str] = ()) -> None:
+        try:
+            await self.conn.execute(insert(self.table).values(**_values(obj, skip=skip)))
+        except IntegrityError as exc:
+            raise Conflict(str(exc.orig)) from None
+
+    async def _one(self, *where: Any) -> Any:
+        row = (await self.conn.execute(select(self.table).where(*where))).first()
+        return _record(self.record, row) if row is not None else None
+
+    async def _many(self, *where: Any, order_by: Any = None, limit: int | None = None,
+                    offset: int = 0) -> list[Any]:
+        query = select(self.table).where(*where)
+        if order_by is not None:
+            query = query.order_by(order_by)
+        if limit is not None:
+            query = query.limit(limit).offset(offset)
+        return [_record(self.record, row) for row in await self.conn.execute(query)]
+
+    async def _update(self, obj: Any, key: str = "id", *, skip: Sequence[str] = ()) -> None:
+        values = _values(obj, skip=(key, *skip))
+        await self.conn.execute(
+            update(self.table).where(self.table.c[key] == getattr(obj, key)).values(**values)
+        )
+
+    async def _set(self, where: Any, **values: Any) -> int:
+        result = await self.conn.execute(update(self.table).where(where).values(**values))
+        return result.rowcount
+
+
+class RealmRepo(_Repo):
+    table, record = t.realms, m.Realm
+
+    async def add(self, realm: m.Realm) -> None:
+        await self._insert(realm)
+
+    async def get(self, realm_id: str) -> m.Realm | None:
+        return await self._one(t.realms.c.id == realm_id)
+
+    async def by_name(self, name: str) -> m.Realm | None:
+        return await self._one(t.realms.c.name == name)
+
+    async def by_project_id(self, project_id: str) -> m.Realm | None:
+        return await self._one(t.realms.c.project_id == project_id)
+
+    async def list(self) -> list[m.Realm]:
+        return await self._many(order_by=t.realms.c.created_at)
+
+    async def update_settings(self, realm_id: str, settings: dict[str, Any]) -> None:
+        await self._set(t.realms.c.id == realm_id, settings=settings)
+
+
+class UserRepo(_Repo):
+    table, record = t.users, m.User
+
+    async def add(self, user: m.User) -> None:
+        await self._insert(user)
+        await self._write_login_ids(user)
+
+    async def _write_login_ids(self, user: m.User) -> None:
+        await self.conn.execute(delete(t.login_ids).where(t.login_ids.c.user_id == user.id))
+        rows = {}
+        for kind in ("email", "username", "phone"):
+            value = getattr(user, kind)
+            if value:
+                rows.setdefault(normalise_login_id(value), kind)
+        for value, kind in rows.items():
+            try:
+                await self.conn.execute(insert(t.login_ids).values(
+                    realm_id=user.realm_id, value=value, kind=kind, user_id=user.id))
+            except IntegrityError:
+                raise Conflict(f"login id taken: {kind}") from None
+
+    async def get(self, user_id: str) -> m.User | None:
+        return await self._one(t.users.c.id == user_id)
+
+    async def by_login_id(self, realm_id: str, login_id: str) -> m.User | None:
+        query = (
+            select(t.users)
+            .join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
+            .where(t.login_ids.c.realm_id == realm_id,
+                   t.login_ids.c.value == normalise_login_id(login_id))
+        )
+        row = (await self.conn.execute(query)).first()
+        return _record(m.User, row) if row is not None else None
+
+    async def by_external_id(self, realm_id: str, external_id: str) -> m.User | None:
+        return await self._one(t.users.c.realm_id == realm_id,
+                               t.users.c.external_id == external_id)
+
+    async def update(self, user: m.User) -> None:
+        await self._update(user)
+        await self._write_login_ids(user)
+
+    async def list(self, realm_id: str, *, limit: int = 100, offset: int = 0) -> list[m.User]:
+        return await self._many(t.users.c.realm_id == realm_id, order_by=t.users.c.created_at,
+                                limit=limit, offset=offset)
+
+    async def count(self, realm_id: str) -> int:
+        query = select(func.count()).select_from(t.users).where(t.users.c.realm_id == realm_id)
+        return int((await self.conn.execute(query)).scalar_one())
+
+
+class CredentialRepo(_Repo):
+    table, record = t.credentials, m.Credential
+
+    async def add(self, credential: m.Credential) -> None:
+        await self._insert(credential)
+
+    async def for_user(self, user_id: str, kind: str) -> list[m.Credential]:
+        return await self._many(t.credentials.c.user_id == user_id, t.credentials.c.kind == kind,
+                                order_by=t.credentials.c.created_at)
+
+    async def update(self, credential: m.Credential) -> None:
+        await self._update(credential)
+
+    async def delete(self, credential_id: str) -> None:
+        await self.conn.execute(delete(t.credentials).where(t.credentials.c.id == credential_id))
+
+    async def delete_for_user(self, user_id: str, kind: str) -> int:
+        result = await self.conn.execute(delete(t.credentials).where(
+            t.credentials.c.user_id == user_id, t.credentials.c.kind == kind))
+        return result.rowcount
+
+
+class OrganisationRepo(_Repo):
+    table, record = t.organisations, m.Organisation
+
+    async def add(self, org: m.Organisation) -> None:
+        await self._insert(org)
+
+    async def get(self, org_id: str) -> m.Organisation | None:
+        return await self._one(t.organisations.c.id == org_id)
+
+    async def by_name(self, realm_id: str, name: str) -> m.Organisation | None:
+        return await self._one(t.organisations.c.realm_id == realm_id,
+                               t.organisations.c.name == name)
+
+    async def list(self, realm_id: str) -> list[m.Organisation]:
+        return await self._many(t.organisations.c.realm_id == realm_id,
+                                order_by=t.organisations.c.created_at)
+
+    async def update(self, org: m.Organisation) -> None:
+        await self._update(org)
+
+
+class MembershipRepo(_Repo):
+    table, record = t.memberships, m.Membership
+
+    async def add(self, membership: m.Membership) -> None:
+        await self._insert(membership)
+
+    async def get(self, membership_id: str) -> m.Membership | None:
+        return await self._one(t.memberships.c.id == membership_id)
+
+    async def find(self, organisation_id: str, user_id: str) -> m.Membership | None:
+        return await self._one(t.memberships.c.organisation_id == organisation_id,
+                               t.memberships.c.user_id == user_id)
+
+    async def for_user(self, user_id: str) -> list[m.Membership]:
+        return await self._many(t.memberships.c.user_id == user_id,
+                                order_by=t.memberships.c.created_at)
+
+    async def for_organisation(self, organisation_id: str) -> list[m.Membership]:
+        return await self._many(t.memberships.c.organisation_id == organisation_id,
+                                order_by=t.memberships.c.created_at)
+
+    async def update(self, membership: m.Membership) -> None:
+        await self._update(membership)
+
+    async def record_failure(self, membership_id: str, lock_after: int | None,
+                             locked_until: datetime) -> m.Membership | None:
+        """Count one failure atomically; lock when the count reaches ``lock_after``."""
+        c = t.memberships.c
+        await self._set(c.id == membership_id, failed_attempts=c.failed_attempts + 1)
+        if lock_after is not None:
+            await self._set(and_(c.id == membership_id, c.failed_attempts >= lock_after,
+                                 c.locked_until.is_(None)), locked_until=locked_until)
+        return await self.get(membership_id)
+
+
+class SessionRepo(_Repo):
+    table, record = t.sessions, m.Session
+
+    async def add(self, session: m.Session) -> None:
+        await self._insert(session)
+
+    async def get(self, session_id: str) -> m.Session | None:
+        return await self._one(t.sessions.c.id == session_id)
+
+    async def for_user(self, user_id: str, *, live_at: datetime | None = None) -> list[m.Session]:
+        c = t.sessions.c
+        where = [c.user_id == user_id]
+        if live_at is not None:
+            where += [c.revoked_at.is_(None), c.expires_at > live_at]
+        return await self._many(*where, order_by=c.created_at.desc())
+
+    async def touch(self, session_id: str, at: datetime) -> None:
+        await self._set(t.sessions.c.id == session_id, last_used_at=at)
+
+    async def set_organisation(self, session_id: str, organisation_id: str | None) -> None:
+        await self._set(t.sessions.c.id == session_id, organisation_id=organisation_id)
+
+    async def add_amr(self, session_id: str, amr: list[str]) -> None:
+        session = await self.get(session_id)
+        if session is not None:
+            merged = list(dict.fromkeys([*session.amr, *amr]))
+            await self._set(t.sessions.c.id == session_id, amr=merged)
+
+    async def revoke(self, session_id: str, at: datetime, reason: str) -> bool:
+        c = t.sessions.c
+        count = await self._set(and_(c.id == session_id, c.revoked_at.is_(None)),
+                                revoked_at=at, revoked_reason=reason)
+        return count > 0
+
+    async def _revoke_where(self, where: Any, at: datetime, reason: str) -> list[str]:
+        c = t.sessions.c
+        live = and_(where, c.revoked_at.is_(None))
+        ids = [row[0] for row in await self.conn.execute(select(c.id).where(live))]
+        if ids:
+            await self._set(c.id.in_(ids), revoked_at=at, revoked_reason=reason)
+        return ids
+
+    async def revoke_for_user(self, user_id: str, at: datetime, reason: str,
+                              *, except_session_id: str | None = None) -> list[str]:
+        c = t.sessions.c
+        where = c.user_id == user_id
+        if except_session_id is not None:
+            where = and_(where, c.id != except_session_id)
+        return await self._revoke_where(where, at, reason)
+
+    async def revoke_for_device(self, device_id: str, at: datetime, reason: str) -> list[str]:
+        return await self._revoke_where(t.sessions.c.device_id == device_id, at, reason)
+
+
+class RefreshTokenRepo(_Repo):
+    table, record = t.refresh_tokens, m.RefreshToken
+
+    async def add(self, token: m.RefreshToken) -> None:
+        await self._insert(token)
+
+    async def by_hash(self, token_hash: str, *, lock: bool = False) -> m.RefreshToken | None:
+        """``lock`` holds the row until commit (PostgreSQL: FOR UPDATE; SQLite's writer lock,
+        taken by BEGIN IMMEDIATE, already serialises)."""
+        query = select(t.refresh_tokens).where(t.refresh_tokens.c.token_hash == token_hash)
+        if lock:
+            query = query.with_for_update()
+        row = (await self.conn.execute(query)).first()
+        return _record(m.RefreshToken, row) if row is not None else None
+
+    async def get(self, token_id: str) -> m.RefreshToken | None:
+        return await self._one(t.refresh_tokens.c.id == token_id)
+
+    async def mark_rotated(self, token_id: str, at: datetime, successor_id: str,
+                           successor_enc: bytes) -> bool:
+        c = t.refresh_tokens.c
+        count = await self._set(and_(c.id == token_id, c.rotated_at.is_(None)),
+                                rotated_at=at, successor_id=successor_id,
+                                successor_enc=successor_enc)
+        return count == 1
+
+
+class SigningKeyRepo(_Repo):
+    table, record = t.signing_keys, m.SigningKey
+
+    async def add(self, key: m.SigningKey) -> None:
+        await self._insert(key)
+
+    async def active(self, realm_id: str) -> m.SigningKey | None:
+        c = t.signing_keys.c
+        keys = await self._many(c.realm_id == realm_id, c.status == "active",
+                                order_by=c.created_at.desc(), limit=1)
+        return keys[0] if keys else None
+
+    async def get(self, kid: str) -> m.SigningKey | None:
+        return await self._one(t.signing_keys.c.kid == kid)
+
+    async def published(self, realm_id: str, now: datetime) -> list[m.SigningKey]:
+        c = t.signing_keys.c
+        return await self._many(
+            c.realm_id == realm_id,
+            or_(c.status == "active", c.publish_until.is_(None), c.publish_until > now),
+            order_by=c.created_at.desc(),
+        )
+
+    async def list(self, realm_id: str) -> list[m.SigningKey]:
+        c = t.signing_keys.c
+        return await self._many(c.realm_id == realm_id, order_by=c.created_at.desc())
+
+    async def retire(self, kid: str, at: datetime, publish_until: datetime) -> None:
+        c = t.signing_keys.c
+        await self._set(and_(c.kid == kid, c.status == "active"), status="retired",
+                        retired_at=at, publish_until=publish_until)
+
+
+class DeviceRepo(_Repo):
+    table, record = t.devices, m.Device
+
+    async def add(self, device: m.Device) -> None:
+        await self._insert(device)
+
+    async def get(self, device_id: str) -> m.Device | None:
+        return await self._one(t.devices.c.id == device_id)
+
+    async def by_key(self, device_key: str) -> m.Device | None:
+        return await self._one(t.devices.c.device_key == device_key)
+
+    async def for_user(self, user_id: str) -> list[m.Device]:
+        return await self._many(t.devices.c.user_id == user_id,
+                                order_by=t.devices.c.created_at)
+
+    async def touch(self, device_id: str, at: datetime, name: str | None = None) -> None:
+        values: dict[str, Any] = {"last_seen_at": at}
+        if name:
+            values["name"] = name
+        await self._set(t.devices.c.id == device_id, **values)
+
+    async def revoke(self, device_id: str, at: datetime) -> bool:
+        c = t.devices.c
+        return await self._set(and_(c.id == device_id, c.revoked_at.is_(None)),
+                               revoked_at=at) > 0
+
+
+class ReauthTokenRepo(_Repo):
+    table, record = t.reauth_tokens, m.ReauthToken
+
+    async def add(self, token: m.ReauthToken) -> None:
+        await self._insert(token)
+
+    async def by_hash(self, token_hash: str) -> m.ReauthToken | None:
+        return await self._one(t.reauth_tokens.c.token_hash == token_hash)
+
+    async def consume(self, token_id: str, at: datetime) -> bool:
+        c = t.reauth_tokens.c
+        return await self._set(and_(c.id == token_id, c.used_at.is_(None),
+                                    c.revoked_at.is_(None)), used_at=at) == 1
+
+    async def revoke_for_device(self, device_id: str, at: datetime) -> int:
+        c = t.reauth_tokens.c
+        return await self._set(and_(c.device_id == device_id, c.revoked_at.is_(None),
+                                    c.used_at.is_(None)), revoked_at=at)
+
+
+class ApiKeyRepo(_Repo):
+    table, record = t.api_keys, m.ApiKey
+
+    async def add(self, key: m.ApiKey) -> None:
+        await self._insert(key)
+
+    async def by_hash(self, key_hash: str) -> m.ApiKey | None:
+        return await self._one(t.api_keys.c.key_hash == key_hash)
+
+    async def list(self, realm_id: str) -> list[m.ApiKey]:
+        return await self._many(t.api_keys.c.realm_id == realm_id,
+                                order_by=t.api_keys.c.created_at)
+
+    async def touch(self, key_id: str, at: datetime) -> None:
+        await self._set(t.api_keys.c.id == key_id, last_used_at=at)
+
+    async def revoke(self, key_id: str, at: datetime) -> bool:
+        c = t.api_keys.c
+        return await self._set(and_(c.id == key_id, c.revoked_at.is_(None)), revoked_at=at) > 0
+
+
+class ChallengeRepo(_Repo):
+    table, record = t.login_challenges, m.LoginChallenge
+
+    async def add(self, challenge: m.LoginChallenge) -> None:
+        await self._insert(challenge)
+
+    async def by_hash(self, token_hash: str) -> m.LoginChallenge | None:
+        return await self._one(t.login_challenges.c.token_hash == token_hash)
+
+    async def update(self, challenge: m.LoginChallenge) -> None:
+        await self._update(challenge)
+
+    async def consume(self, challenge_id: str, at: datetime) -> bool:
+        c = t.login_challenges.c
+        return await self._set(and_(c.id == challenge_id, c.consumed_at.is_(None)),
+                               consumed_at=at) == 1
+
+
+class OneTimeCodeRepo(_Repo):
+    table, record = t.one_time_codes, m.OneTimeCode
+
+    async def add(self, code: m.OneTimeCode) -> None:
+        await self._insert(code)
+
+    async def by_hash(self, secret_hash: str) -> m.OneTimeCode | None:
+        return await self._one(t.one_time_codes.c.secret_hash == secret_hash)
+
+    async def live_for_user(self, user_id: str, purpose: str,
+                            now: datetime) -> list[m.OneTimeCode]:
+        c = t.one_time_codes.c
+        return await self._many(c.user_id == user_id, c.purpose == purpose,
+                                c.consumed_at.is_(None), c.expires_at > now,
+                                order_by=c.created_at.desc())
+
+    async def consume(self, code_id: str, at: datetime) -> bool:
+        c = t.one_time_codes.c
+        return await self._set(and_(c.id == code_id, c.consumed_at.is_(None)),
+                               consumed_at=at) == 1
+
+    async def add_attempt(self, code_id: str) -> None:
+        c = t.one_time_codes.c
+        await self._set(c.id == code_id, attempts=c.attempts + 1)
+
+    async def invalidate_for_user(self, user_id: str, purpose: str, at: datetime) -> None:
+        c = t.one_time_codes.c
+        await self._set(and_(c.user_id == user_id, c.purpose == purpose,
+                             c.consumed_at.is_(None)), consumed_at=at)
+
+
+class AuditRepo(_Repo):
+    table, record = t.audit_events, m.AuditEvent
+
+    async def add(self, event: m.AuditEvent) -> None:
+        await self._insert(event, skip=("id",))
+
+    async def recent(self, realm_id: str | None, *, limit: int = 50, user_id: str | None = None,
+                     types: Sequence[str] = ()) -> list[m.AuditEvent]:
+        c = t.audit_events.c
+        where = []
+        if realm_id is not None:
+            where.append(c.realm_id == realm_id)
+        if user_id is not None:
+            where.append(c.user_id == user_id)
+        if types:
+            where.append(c.type.in_(list(types)))
+        return await self._many(*where, order_by=c.id.desc(), limit=limit)
+
+
+class OutboxRepo(_Repo):
+    table, record = t.mail_outbox, m.OutboxMail
+
+    async def add(self, mail: m.OutboxMail) -> None:
+        await self._insert(mail)
+
+    async def due(self, now: datetime, limit: int) -> list[m.OutboxMail]:
+        c = t.mail_outbox.c
+        return await self._many(c.sent_at.is_(None), c.next_attempt_at.is_not(None),
+                                c.next_attempt_at <= now, order_by=c.next_attempt_at,
+                                limit=limit)
+
+    async def claim(self, mail_id: str, now: datetime, lease_until: datetime) -> bool:
+        """Take a due mail for delivery; the lease keeps other nodes off it meanwhile."""
+        c = t.mail_outbox.c
+        return await self._set(and_(c.id == mail_id, c.sent_at.is_(None),
+                                    c.next_attempt_at <= now),
+                               next_attempt_at=lease_until, attempts=c.attempts + 1) == 1
+
+    async def mark_sent(self, mail_id: str, at: datetime) -> None:
+        await self._set(t.mail_outbox.c.id == mail_id, sent_at=at, next_attempt_at=None,
+                        last_error=None)
+
+    async def mark_failed(self, mail_id: str, error: str,
+                          next_attempt_at: datetime | None) -> None:
+        await self._set(t.mail_outbox.c.id == mail_id, last_error=error[:500],
+                        next_attempt_at=next_attempt_at)
+
+
+class ThrottleRepo(_Repo):
+    table, record = t.throttle_counters, m.ThrottleState
+
+    async def get(self, key: str) -> m.ThrottleState | None:
+        return await self._one(t.throttle_counters.c.key == key)
+
+    async def save(self, state: m.ThrottleState) -> None:
+        """Upsert: two nodes may record the first failure of a key at the same moment."""
+        values = asdict(state)
+        upsert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
+        statement = upsert(t.throttle_counters).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"], set_={k: v for k, v in values.items() if k != "key"})
+        await self.conn.execute(statement)
+
+    async def clear(self, key: str) -> None:
+        await self.conn.execute(delete(t.throttle_counters).where(
+            t.throttle_counters.c.key == key))
+
+
+class SqlTx:
+    """One transaction's repositories, all on the same connection."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.realms = RealmRepo(conn)
+        self.users = UserRepo(conn)
+        self.credentials = CredentialRepo(conn)
+        self.organisations = OrganisationRepo(conn)
+        self.memberships = MembershipRepo(conn)
+        self.sessions = SessionRepo(conn)
+        self.refresh_tokens = RefreshTokenRepo(conn)
+        self.signing_keys = SigningKeyRepo(conn)
+        self.devices = DeviceRepo(conn)
+        self.reauth_tokens = ReauthTokenRepo(conn)
+        self.api_keys = ApiKeyRepo(conn)
+        self.challenges = ChallengeRepo(conn)
+        self.codes = OneTimeCodeRepo(conn)
+        self.audit = AuditRepo(conn)
+        self.outbox = OutboxRepo(conn)
+        self.throttle = ThrottleRepo(conn)
