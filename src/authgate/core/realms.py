@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 import string
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,19 @@ def new_project_id() -> str:
 class Realms:
     def __init__(self, core: Core) -> None:
         self.core = core
+        # name or project id -> (expiry, realm); settings changes reach other nodes within
+        # key_cache_seconds.
+        self._cache: dict[str, tuple[float, Realm]] = {}
+
+    def _cached(self, key: str) -> Realm | None:
+        hit = self._cache.get(key)
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    def _remember(self, key: str, realm: Realm) -> Realm:
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (time.monotonic() + self.core.settings.key_cache_seconds, realm)
+        return realm
 
     def issuer(self, realm: Realm) -> str:
         base = self.core.settings.issuer
@@ -72,9 +86,23 @@ class Realms:
             return await tx.realms.by_name(name)
 
     async def require(self, name: str) -> Realm:
-        realm = await self.by_name(name)
+        """The realm of this name (cached briefly), or REALM_NOT_FOUND."""
+        realm = self._cached("name:" + name)
         if realm is None:
-            raise AuthError(ErrorCode.REALM_NOT_FOUND)
+            realm = await self.by_name(name)
+            if realm is None:
+                raise AuthError(ErrorCode.REALM_NOT_FOUND)
+            self._remember("name:" + name, realm)
+        return realm
+
+    async def require_project(self, project_id: str) -> Realm:
+        """The realm a Descope-style project id names (cached briefly), or REALM_NOT_FOUND."""
+        realm = self._cached("project:" + project_id)
+        if realm is None:
+            realm = await self.by_project_id(project_id)
+            if realm is None:
+                raise AuthError(ErrorCode.REALM_NOT_FOUND)
+            self._remember("project:" + project_id, realm)
         return realm
 
     async def by_project_id(self, project_id: str) -> Realm | None:
@@ -99,4 +127,5 @@ class Realms:
             await self.core.audit.record(tx, "realm.settings_changed", realm_id=realm.id,
                                          changes=sorted(changes))
         realm.settings = merged
+        self._cache.clear()
         return realm

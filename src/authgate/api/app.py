@@ -1,0 +1,191 @@
+"""The ASGI application: the native API, OIDC endpoints, admin, operations, and the dialects."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import Histogram
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from authgate import __version__, dialects
+from authgate.api import account, admin, health, oauth, oidc
+from authgate.api.errors import native
+from authgate.api.surface import JSONResponse, Surface
+from authgate.config import Settings, load_master_secret
+from authgate.core.engine import Core
+from authgate.store.db import SqlStore
+from authgate.store.migrate import upgrade
+
+log = structlog.get_logger("authgate")
+
+REQUESTS = Histogram("authgate_http_request_seconds", "HTTP request latency",
+                     ["method", "status"],
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+
+async def build_core(settings: Settings) -> Core:
+    """Open the store, bring the schema up to date, and make sure the default realm exists."""
+    store = SqlStore.from_url(settings.database_url)
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await upgrade(store.engine)
+    core = Core(settings, store, load_master_secret(settings))
+    await core.realms.ensure_default()
+    return core
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    await self._refuse(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"error": "invalid_request",
+                                 "error_description": "The request body is too large."},
+                                status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Timing:
+    """Record request latency by method and status class (not by path: bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            REQUESTS.labels(scope["method"], f"{status // 100}xx").observe(
+                time.perf_counter() - start)
+
+
+def _surface_for(request: Request) -> Surface:
+    surface = getattr(request.state, "surface", None)
+    if surface is not None:
+        return surface
+    path = request.url.path
+    for prefix, candidate in request.app.state.surface_prefixes:
+        if path == prefix or path.startswith(prefix + "/"):
+            return candidate
+    return native
+
+
+def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
+    """Build the application. With ``core`` given (tests), the caller owns its lifecycle."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = core is None
+        app.state.core = core if core is not None else await build_core(settings)
+        workers = [start() for start in app.state.background]
+        try:
+            yield
+        finally:
+            for worker in workers:
+                await worker.stop()
+            if owned:
+                await app.state.core.close()
+
+    app = FastAPI(title="Authgate", version=__version__, lifespan=lifespan,
+                  description="A self-hosted authentication server: OAuth 2.0 token semantics, "
+                              "JWT, JWKS, OpenID Connect discovery, and five sign-in dialects.")
+    app.state.settings = settings
+    app.state.log = log
+    app.state.core = core
+    app.state.background = []
+    app.state.trusted_proxies = [ipaddress.ip_network(p, strict=False)
+                                 for p in settings.trusted_proxies]
+    app.state.surface_prefixes = []
+
+    for router in (oauth.router, oidc.router, account.router):
+        app.include_router(router)
+        app.include_router(router, prefix="/realms/{realm}")
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    mount_dialects(app, settings)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _surface_for(request).render_http(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _surface_for(request).render_validation(request, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # A bug, not bad input: log it (no bodies, no headers: no secrets) and answer plainly.
+        log.error("unhandled error", path=request.url.path, error=type(exc).__name__,
+                  exc_info=exc)
+        return JSONResponse({"error": "server_error",
+                             "error_description": "An internal error occurred."},
+                            status_code=500)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Timing)
+    return app
+
+
+def mount_dialects(app: FastAPI, settings: Settings) -> None:
+    for name in settings.dialects:
+        if name not in dialects.REGISTRY:
+            continue
+        module: Any = dialects.load(name)
+        app.include_router(module.router, prefix=f"/{name}")
+        app.state.surface_prefixes.append((f"/{name}", module.surface))
+        if name in settings.dialects_at_root:
+            app.include_router(module.router)
+        for start in getattr(module, "background", ()):
+            app.state.background.append(start)
+

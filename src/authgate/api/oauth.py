@@ -1,0 +1,127 @@
+"""OAuth 2.0 endpoints: token (password and refresh_token grants, RFC 6749), revocation
+(RFC 7009) and introspection (RFC 7662).
+
+Hot paths: bodies are parsed by hand (no form-parsing machinery) and responses are orjson-encoded
+with no response-model validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from authgate.api.deps import get_core, get_realm
+from authgate.api.errors import native
+from authgate.api.surface import NO_STORE, JSONResponse, bearer_token, client_info
+from authgate.api.surface import read_body, string_field
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import Realm
+from authgate.core.sessions import Tokens
+
+router = APIRouter(route_class=native.route_class, tags=["oauth"])
+
+SUPPORTED_GRANTS = ("password", "refresh_token")
+
+
+def token_response(tokens: Tokens, scope: str | None = None) -> Response:
+    body: dict[str, Any] = {
+        "access_token": tokens.access_token,
+        "token_type": "Bearer",
+        "expires_in": tokens.expires_in,
+        "refresh_token": tokens.refresh_token,
+    }
+    if tokens.id_token:
+        body["id_token"] = tokens.id_token
+    if scope:
+        body["scope"] = scope
+    return JSONResponse(body, headers=NO_STORE)
+
+
+def _scope(form: dict[str, Any]) -> str:
+    scope = string_field(form, "scope", max_length=1000) or "openid"
+    return " ".join(dict.fromkeys(scope.split()))
+
+
+@router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)")
+async def token(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+    request.state.grant_endpoint = True
+    form = await read_body(request)
+    grant_type = string_field(form, "grant_type", required=True, max_length=100)
+    core = get_core(request)
+    client = client_info(request, device_key=request.headers.get("x-device-key"))
+    client_id = string_field(form, "client_id", max_length=200)
+    if grant_type == "password":
+        username = string_field(form, "username", required=True, max_length=320)
+        password = string_field(form, "password", required=True,
+                                max_length=core.settings.password_max_length)
+        assert username is not None and password is not None
+        scope = _scope(form)
+        user = await core.signin.password(realm, username, password, client)
+        tokens = await core.sessions.start(
+            realm, user, amr=["pwd"], client=client, client_id=client_id,
+            nonce=string_field(form, "nonce", max_length=500),
+            with_id_token="openid" in scope.split())
+        return token_response(tokens, scope)
+    if grant_type == "refresh_token":
+        raw = string_field(form, "refresh_token", required=True, max_length=512)
+        assert raw is not None
+        tokens = await core.sessions.refresh(realm, raw, client)
+        return token_response(tokens, string_field(form, "scope", max_length=1000))
+    raise AuthError(ErrorCode.INVALID_REQUEST,
+                    f"Unsupported grant_type {(grant_type or '')[:40]!r}; supported: "
+                    f"{', '.join(SUPPORTED_GRANTS)}.",
+                    details={"oauth_error": "unsupported_grant_type", "field": "grant_type"})
+
+
+@router.post("/oauth/revoke", summary="Token revocation (RFC 7009)")
+async def revoke(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+    """Revoking a refresh token or an access token ends the session it belongs to. Unknown
+    or invalid tokens are ignored, as RFC 7009 §2.2 requires."""
+    form = await read_body(request)
+    raw = string_field(form, "token", required=True, max_length=8192)
+    assert raw is not None
+    hint = string_field(form, "token_type_hint", max_length=50)
+    core = get_core(request)
+    client = client_info(request)
+    if hint != "access_token" and "." not in raw:
+        await core.sessions.revoke_refresh_token(realm, raw, client)
+    else:
+        try:
+            principal = await core.sessions.authenticate(realm, raw)
+        except AuthError:
+            await core.sessions.revoke_refresh_token(realm, raw, client)
+        else:
+            await core.sessions.revoke(realm, principal.session.id, reason="token_revoked",
+                                       client=client)
+    return Response(status_code=200, headers=NO_STORE)
+
+
+@router.post("/oauth/introspect", summary="Token introspection (RFC 7662)")
+async def introspect(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+    """The caller authorises itself with a bearer access token of the same realm (a resource
+    server's own token), as RFC 7662 §2.1 allows."""
+    core = get_core(request)
+    caller = bearer_token(request)
+    if caller is None:
+        raise AuthError(ErrorCode.INVALID_TOKEN, "Introspection requires a bearer token.")
+    await core.sessions.authenticate(realm, caller)
+    form = await read_body(request)
+    raw = string_field(form, "token", required=True, max_length=8192)
+    assert raw is not None
+    try:
+        principal = await core.sessions.authenticate(realm, raw)
+    except AuthError:
+        session = await core.sessions.session_for_refresh_token(realm, raw)
+        if session is None or not session.is_live(core.now()):
+            return JSONResponse({"active": False}, headers=NO_STORE)
+        return JSONResponse({"active": True, "token_type": "refresh_token",
+                             "sub": session.user_id, "sid": session.id,
+                             "client_id": session.client_id,
+                             "exp": int(session.expires_at.timestamp()),
+                             "iss": core.realms.issuer(realm)}, headers=NO_STORE)
+    claims = principal.claims
+    body = {"active": True, "token_type": "access_token", "client_id": claims.get("azp"),
+            **{k: claims[k] for k in ("sub", "aud", "iss", "exp", "iat", "jti", "sid", "amr")
+               if k in claims}}
+    return JSONResponse(body, headers=NO_STORE)
