@@ -12,7 +12,9 @@ from datetime import datetime
 from authgate.config import Settings
 from authgate.core.audit import Audit
 from authgate.core.keys import Keys
+from authgate.core.mail import Mail
 from authgate.core.models import utcnow
+from authgate.core.organisations import Organisations
 from authgate.core.ports import Store
 from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
@@ -41,6 +43,8 @@ class Core:
         self.users = Users(self)
         self.sessions = Sessions(self)
         self.signin = SignIn(self)
+        self.organisations = Organisations(self)
+        self.mail = Mail(self)
 
     async def close(self) -> None:
         self.hasher.close()
