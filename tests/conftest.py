@@ -94,8 +94,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def settings(database_url: str, data_dir: Path) -> Settings:
-    return test_settings(database_url, data_dir)
+async def settings(database_url: str, data_dir: Path,
+                   smtp_server: tuple[MailBox, int]) -> Settings:
+    """Test settings: fast hashing, and mail delivered over SMTP to the test's SMTP server."""
+    return test_settings(database_url, data_dir, mail_backend="smtp",
+                         smtp_port=smtp_server[1], mail_poll_seconds=0.1)
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     # Surfaces.
     dialects: list[str] = Field(default_factory=lambda: list(DIALECTS))
     dialects_at_root: list[str] = Field(default_factory=list)
+    # The realm each dialect without a realm-naming credential serves (Descope's project id and
+    # the web API's APIKey name their realm themselves).
+    tiledesk_realm: str = "default"
+    deskera_realm: str = "default"
+    classroom_realm: str = "default"
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from authgate.api.errors import native
 from authgate.api.surface import JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
 from authgate.core.engine import Core
+from authgate.mail.worker import OutboxWorker
 from authgate.store.db import SqlStore
 from authgate.store.migrate import upgrade
 
@@ -143,7 +144,7 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.log = log
     app.state.core = core
-    app.state.background = []
+    app.state.background = [lambda: OutboxWorker(app.state.core).start()]
     app.state.trusted_proxies = [ipaddress.ip_network(p, strict=False)
                                  for p in settings.trusted_proxies]
     app.state.surface_prefixes = []
