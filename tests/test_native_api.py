@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import jwt
 
 from authgate.core.models import Realm
 from tests.conftest import PASSWORD, realm_url, unique_email
@@ -37,3 +38,198 @@ async def test_sign_up_then_sign_in_returns_bearer_tokens(client, realm):
     assert info.status_code == 200
     assert info.json()["email"] == email
     assert info.json()["sub"] == created.json()["id"]
+
+
+async def signed_in(client: httpx.AsyncClient, realm: Realm) -> tuple[str, dict]:
+    email = unique_email()
+    assert (await sign_up(client, realm, email)).status_code == 201
+    response = await password_grant(client, realm, email)
+    assert response.status_code == 200, response.text
+    return email, response.json()
+
+
+def bearer(tokens: dict) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+async def refresh(client: httpx.AsyncClient, realm: Realm, token: str) -> httpx.Response:
+    return await client.post(realm_url(realm, "/oauth/token"),
+                             data={"grant_type": "refresh_token", "refresh_token": token})
+
+
+async def test_unknown_user_and_wrong_password_get_the_same_answer(client, realm):
+    email, _ = await signed_in(client, realm)
+    wrong = await password_grant(client, realm, email, "not the password at all")
+    unknown = await password_grant(client, realm, unique_email(), "not the password at all")
+    assert wrong.status_code == unknown.status_code == 400
+    assert wrong.json() == unknown.json() == {
+        "error": "invalid_grant", "error_description": "Invalid login id or password.",
+        "error_code": "invalid_credentials"}
+
+
+async def test_a_realm_may_choose_to_tell_unknown_users_apart(client, core, realm):
+    await core.realms.update_settings(realm, {"reveal_unknown_users": True})
+    email, _ = await signed_in(client, realm)
+    wrong = await password_grant(client, realm, email, "not the password at all")
+    unknown = await password_grant(client, realm, unique_email(), "not the password at all")
+    assert wrong.json()["error_code"] == "wrong_password"
+    assert unknown.json()["error_code"] == "user_not_found"
+
+
+async def test_refresh_rotates_the_token_and_keeps_the_session(client, realm):
+    _, tokens = await signed_in(client, realm)
+    rotated = await refresh(client, realm, tokens["refresh_token"])
+    assert rotated.status_code == 200
+    new = rotated.json()
+    assert new["refresh_token"] != tokens["refresh_token"]
+    again = await refresh(client, realm, new["refresh_token"])
+    assert again.status_code == 200
+    info = await client.get(realm_url(realm, "/userinfo"), headers=bearer(again.json()))
+    assert info.status_code == 200
+
+
+async def test_reusing_a_rotated_refresh_token_revokes_the_session(client, core, realm):
+    core.settings.refresh_grace_seconds = 0
+    try:
+        _, tokens = await signed_in(client, realm)
+        first = (await refresh(client, realm, tokens["refresh_token"])).json()
+        reuse = await refresh(client, realm, tokens["refresh_token"])
+        assert reuse.status_code == 400
+        assert reuse.json()["error"] == "invalid_grant"
+        assert reuse.json()["error_code"] == "refresh_token_reused"
+        # The whole session is gone: its newest refresh token and its access tokens too.
+        assert (await refresh(client, realm, first["refresh_token"])).json()["error_code"] == \
+            "session_revoked"
+        denied = await client.get(realm_url(realm, "/userinfo"), headers=bearer(first))
+        assert denied.status_code == 401
+        assert denied.headers["www-authenticate"].startswith("Bearer")
+        kinds = [e.type for e in await core.audit.recent(realm.id)]
+        assert "session.refresh_token_reused" in kinds
+    finally:
+        core.settings.refresh_grace_seconds = 10
+
+
+async def test_within_the_grace_window_a_rotated_token_gets_the_same_successor(client, realm):
+    _, tokens = await signed_in(client, realm)
+    first = (await refresh(client, realm, tokens["refresh_token"])).json()
+    second = (await refresh(client, realm, tokens["refresh_token"])).json()
+    assert first["refresh_token"] == second["refresh_token"]
+    assert (await refresh(client, realm, second["refresh_token"])).status_code == 200
+
+
+async def test_sign_out_ends_the_session_for_access_and_refresh_tokens(client, realm):
+    _, tokens = await signed_in(client, realm)
+    out = await client.post(realm_url(realm, "/signout"), headers=bearer(tokens))
+    assert out.status_code == 204
+    assert (await client.get(realm_url(realm, "/userinfo"), headers=bearer(tokens))
+            ).status_code == 401
+    assert (await refresh(client, realm, tokens["refresh_token"])).json()["error_code"] == \
+        "session_revoked"
+
+
+async def test_sign_out_everywhere_and_revoking_one_of_my_sessions(client, realm):
+    email, first = await signed_in(client, realm)
+    second = (await password_grant(client, realm, email)).json()
+    third = (await password_grant(client, realm, email)).json()
+    listed = (await client.get(realm_url(realm, "/sessions"), headers=bearer(first))).json()
+    assert len(listed["sessions"]) == 3
+    assert sum(s["current"] for s in listed["sessions"]) == 1
+    target = jwt.decode(second["access_token"], options={"verify_signature": False})["sid"]
+    assert target in [s["id"] for s in listed["sessions"]]
+    gone = await client.delete(realm_url(realm, f"/sessions/{target}"), headers=bearer(first))
+    assert gone.status_code == 204
+    again = await client.delete(realm_url(realm, f"/sessions/{target}"), headers=bearer(first))
+    assert again.status_code == 404
+    everywhere = await client.post(realm_url(realm, "/signout/all"), headers=bearer(third))
+    assert everywhere.json() == {"revoked": 2}
+    for tokens in (first, second, third):
+        assert (await client.get(realm_url(realm, "/me"), headers=bearer(tokens))
+                ).status_code == 401
+
+
+async def test_rfc7009_revocation_ends_the_session_and_ignores_unknown_tokens(client, realm):
+    _, tokens = await signed_in(client, realm)
+    unknown = await client.post(realm_url(realm, "/oauth/revoke"), data={"token": "nope"})
+    assert unknown.status_code == 200
+    revoked = await client.post(realm_url(realm, "/oauth/revoke"),
+                                data={"token": tokens["refresh_token"],
+                                      "token_type_hint": "refresh_token"})
+    assert revoked.status_code == 200
+    assert (await client.get(realm_url(realm, "/userinfo"), headers=bearer(tokens))
+            ).status_code == 401
+    _, other = await signed_in(client, realm)
+    by_access = await client.post(realm_url(realm, "/oauth/revoke"),
+                                  data={"token": other["access_token"]})
+    assert by_access.status_code == 200
+    assert (await refresh(client, realm, other["refresh_token"])).status_code == 400
+
+
+async def test_rfc7662_introspection(client, realm):
+    _, caller = await signed_in(client, realm)
+    _, subject = await signed_in(client, realm)
+    url = realm_url(realm, "/oauth/introspect")
+    assert (await client.post(url, data={"token": subject["access_token"]})).status_code == 401
+    active = (await client.post(url, data={"token": subject["access_token"]},
+                                headers=bearer(caller))).json()
+    assert active["active"] is True and active["token_type"] == "access_token"
+    assert {"sub", "exp", "iat", "iss", "aud", "sid", "jti"} <= set(active)
+    as_refresh = (await client.post(url, data={"token": subject["refresh_token"]},
+                                    headers=bearer(caller))).json()
+    assert as_refresh["active"] is True and as_refresh["sid"] == active["sid"]
+    assert (await client.post(url, data={"token": "garbage"}, headers=bearer(caller))
+            ).json() == {"active": False}
+    await client.post(realm_url(realm, "/signout"), headers=bearer(subject))
+    assert (await client.post(url, data={"token": subject["access_token"]},
+                              headers=bearer(caller))).json() == {"active": False}
+
+
+async def test_failed_sign_ins_back_off_exponentially_with_retry_after(client, core, realm):
+    email, _ = await signed_in(client, realm)
+    free = core.settings.throttle_free_attempts
+    for _ in range(free):
+        assert (await password_grant(client, realm, email, "wrong password!")).status_code == 400
+    blocked = await password_grant(client, realm, email)  # even the right password waits
+    assert blocked.status_code == 429
+    assert blocked.json()["error"] == "slow_down"
+    assert int(blocked.headers["retry-after"]) >= 1
+    # Another login id from the same address is not blocked by this one's failures.
+    other_email, _ = await signed_in(client, realm)
+    assert (await password_grant(client, realm, other_email)).status_code == 200
+    events = [e.type for e in await core.audit.recent(realm.id, limit=100)]
+    assert "session.throttled" in events
+
+
+async def test_a_disabled_user_cannot_sign_in_and_loses_its_sessions(client, core, realm):
+    email, tokens = await signed_in(client, realm)
+    user = await core.users.find(realm, email)
+    await core.users.set_status(realm, user.id, "disabled")
+    assert (await client.get(realm_url(realm, "/userinfo"), headers=bearer(tokens))
+            ).status_code == 401
+    refused = await password_grant(client, realm, email)
+    assert refused.status_code == 400 and refused.json()["error_code"] == "user_disabled"
+
+
+async def test_changing_my_password_keeps_this_session_and_ends_the_others(client, realm):
+    email, first = await signed_in(client, realm)
+    second = (await password_grant(client, realm, email)).json()
+    url = realm_url(realm, "/me/password")
+    wrong = await client.post(url, json={"current_password": "nope nope",
+                                         "new_password": "a brand new passphrase"},
+                              headers=bearer(first))
+    assert wrong.status_code == 400 and wrong.json()["error_code"] == "wrong_password"
+    changed = await client.post(url, json={"current_password": PASSWORD,
+                                           "new_password": "a brand new passphrase"},
+                                headers=bearer(first))
+    assert changed.status_code == 204
+    assert (await client.get(realm_url(realm, "/me"), headers=bearer(first))).status_code == 200
+    assert (await client.get(realm_url(realm, "/me"), headers=bearer(second))).status_code == 401
+    assert (await password_grant(client, realm, email, "a brand new passphrase")
+            ).status_code == 200
+
+
+async def test_tokens_of_one_realm_are_refused_in_another(client, core, realm):
+    _, tokens = await signed_in(client, realm)
+    other = await core.realms.create(realm.name + "-x")
+    response = await client.get(realm_url(other, "/userinfo"), headers=bearer(tokens))
+    assert response.status_code == 401
+    assert (await refresh(client, other, tokens["refresh_token"])).status_code == 400

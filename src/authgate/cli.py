@@ -218,6 +218,7 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
     "password_hash": "$2b$..." | "pbkdf2_sha256$..." | "$argon2id$..."}."""
     handle = sys.stdin if str(path) == "-" else path.open(encoding="utf-8")
     records: list[dict[str, Any]] = []
+    lines: list[int] = []  # the file line of each record
     bad: list[tuple[int, str]] = []
     with handle:
         for number, line in enumerate(handle, start=1):
@@ -228,6 +229,7 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
                 records.append(record)
+                lines.append(number)
             except ValueError as exc:
                 bad.append((number, f"not a JSON object: {exc}"))
 
@@ -235,7 +237,8 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
         return await core.users.import_records(await core.realms.require(realm), records)
 
     report = run(work)
-    for number, reason in bad + report.failed:
+    failures = bad + [(lines[index - 1], reason) for index, reason in report.failed]
+    for number, reason in sorted(failures):
         err.print(f"line {number}: {reason}")
     console.print(f"imported {report.created} user(s); {len(bad) + len(report.failed)} failed")
     if bad or report.failed:

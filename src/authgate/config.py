@@ -139,15 +139,20 @@ class Settings(BaseSettings):
             self.public_url = self.issuer
         if not self.database_url:
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'authgate.db'}"
-        if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            raise ValueError(
-                "database_url must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
-            )
         if not set(self.dialects_at_root) <= set(self.dialects):
-            raise ValueError("dialects_at_root must name dialects that are also in dialects")
+            raise ValueError(f"{ENV_PREFIX}DIALECTS_AT_ROOT must name dialects that are also "
+                             f"in {ENV_PREFIX}DIALECTS")
         if self.throttle_max_delay < self.throttle_base_delay:
-            raise ValueError("throttle_max_delay must be at least throttle_base_delay")
+            raise ValueError(f"{ENV_PREFIX}THROTTLE_MAX_DELAY must be at least "
+                             f"{ENV_PREFIX}THROTTLE_BASE_DELAY")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
 
     @property
     def is_sqlite(self) -> bool:

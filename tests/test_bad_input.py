@@ -1,0 +1,75 @@
+"""Bad input of every kind gets a 4xx in the native error shape, never a 500."""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import pytest
+
+from authgate.core.models import Realm
+from tests.conftest import realm_url
+
+ENDPOINTS = [
+    ("POST", "/oauth/token"), ("POST", "/oauth/revoke"), ("POST", "/oauth/introspect"),
+    ("POST", "/signup"), ("GET", "/userinfo"), ("POST", "/signout"), ("GET", "/sessions"),
+    ("POST", "/me/password"), ("DELETE", "/sessions/x"),
+]
+
+BODIES: list[tuple[str, bytes | None]] = [
+    ("application/json", b"{not json"),
+    ("application/json", b"[1, 2, 3]"),
+    ("application/json", b'"a string"'),
+    ("application/json", b'{"grant_type": 5, "email": ["x"], "password": {"a": 1}}'),
+    ("application/json", b'{"grant_type": "password", "username": null}'),
+    ("application/json", b'{"email": "x@example.com", "password": "' + b"p" * 5000 + b'"}'),
+    ("application/json", "{\"email\": \"\u202e@\u0000.com\", \"password\": 1e999}".encode()),
+    ("application/x-www-form-urlencoded", b"grant_type=password&username=%FF%FE&password="),
+    ("application/x-www-form-urlencoded", b"%%%%&&&==="),
+    ("text/xml", b"<xml/>"),
+    ("application/json", b"\xff\xfe\x00garbage"),
+    ("application/json", None),
+]
+
+HEADERS = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer not.a.jwt"},
+           {"Authorization": "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."},
+           {"Authorization": "Basic Zm9vOmJhcg=="}]
+
+
+@pytest.mark.parametrize("method,path", ENDPOINTS, ids=[f"{m} {p}" for m, p in ENDPOINTS])
+async def test_malformed_requests_get_a_4xx_in_the_native_shape(client: httpx.AsyncClient,
+                                                                realm: Realm, method: str,
+                                                                path: str):
+    for (content_type, body), headers in itertools.product(BODIES, HEADERS):
+        response = await client.request(method, realm_url(realm, path), content=body,
+                                         headers={"content-type": content_type, **headers})
+        assert 400 <= response.status_code < 500, (content_type, body, headers, response.text)
+        payload = response.json()
+        assert set(payload) >= {"error", "error_description"}, payload
+        assert "Traceback" not in response.text
+
+
+async def test_unknown_paths_methods_and_realms_answer_in_the_native_shape(client, realm):
+    cases = [("GET", "/no/such/path", 404), ("PUT", realm_url(realm, "/oauth/token"), 405),
+             ("GET", "/realms/NOT_A_REALM!/userinfo", 404),
+             ("GET", "/realms/missing/.well-known/jwks.json", 404)]
+    for method, path, status in cases:
+        response = await client.request(method, path)
+        assert response.status_code == status, (path, response.text)
+        assert "error" in response.json()
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(client, realm, settings):
+    big = b"a=" + b"x" * (settings.max_body_bytes + 1)
+    response = await client.post(realm_url(realm, "/oauth/token"), content=big,
+                                 headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "invalid_request"
+
+
+async def test_a_password_over_the_maximum_is_refused_without_hashing(client, realm, settings):
+    response = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "password", "username": "a@example.com",
+        "password": "x" * (settings.password_max_length + 1)})
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
