@@ -22,11 +22,22 @@ async def get_realm(request: Request) -> Realm:
         request.path_params.get("realm", DEFAULT_REALM))
 
 
-async def get_principal(request: Request, realm: Realm = Depends(get_realm)) -> Principal:
+async def _principal(request: Request, realm: Realm, *, with_user: bool) -> Principal:
     token = bearer_token(request)
     if token is None:
         raise AuthError(ErrorCode.INVALID_TOKEN, "A bearer access token is required.")
-    return await get_core(request).sessions.authenticate(realm, token)
+    return await get_core(request).sessions.authenticate(realm, token, with_user=with_user)
+
+
+async def get_principal(request: Request, realm: Realm = Depends(get_realm)) -> Principal:
+    """The bearer of a valid access token whose session is live."""
+    return await _principal(request, realm, with_user=False)
+
+
+async def get_principal_with_user(request: Request,
+                                  realm: Realm = Depends(get_realm)) -> Principal:
+    """The same, with the (active) user loaded in the same read."""
+    return await _principal(request, realm, with_user=True)
 
 
 async def get_admin(request: Request) -> Principal:

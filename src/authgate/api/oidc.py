@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from authgate.api.deps import get_core, get_principal, get_realm
+from authgate.api.deps import get_core, get_principal_with_user, get_realm
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, JSONResponse
 from authgate.core.models import Realm
@@ -47,18 +47,17 @@ async def jwks(request: Request, realm: Realm = Depends(get_realm)) -> Response:
     return Response(body, media_type="application/json", headers=JWKS_HEADERS)
 
 
-async def _userinfo(request: Request, principal: Principal) -> Response:
-    user = await get_core(request).users.get(principal.realm, principal.user_id)
-    claims = {"sub": user.id, **profile_claims(user)}
-    return JSONResponse(claims, headers=NO_STORE)
+def _userinfo(principal: Principal) -> Response:
+    user = principal.user
+    assert user is not None
+    return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
 
 
 @router.get("/userinfo", summary="OpenID Connect userinfo")
-async def userinfo(request: Request, principal: Principal = Depends(get_principal)) -> Response:
-    return await _userinfo(request, principal)
+async def userinfo(principal: Principal = Depends(get_principal_with_user)) -> Response:
+    return _userinfo(principal)
 
 
 @router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
-async def userinfo_post(request: Request,
-                        principal: Principal = Depends(get_principal)) -> Response:
-    return await _userinfo(request, principal)
+async def userinfo_post(principal: Principal = Depends(get_principal_with_user)) -> Response:
+    return _userinfo(principal)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 _PURPOSE = "signing-key"
+_LEEWAY = 30  # seconds of clock skew tolerated on exp / iat
+_VERIFIED_CACHE_SIZE = 8192
 
 
 class Keys:
@@ -32,6 +34,7 @@ class Keys:
         self._signers: dict[str, tuple[float, jwtlib.Signer]] = {}
         self._jwks: dict[str, tuple[float, bytes]] = {}
         self._public: dict[str, tuple[str, str, Any]] = {}  # kid -> (realm_id, alg, key)
+        self._verified: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     @property
     def max_token_lifetime(self) -> timedelta:
@@ -120,7 +123,30 @@ class Keys:
     async def verify(self, realm: Realm, token: str, *, issuer: str | None,
                      audience: str | list[str] | None,
                      require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:
-        """Verify a JWT that this realm signed; the token's header never picks the algorithm."""
+        """Verify a JWT that this realm signed; the token's header never picks the algorithm.
+
+        A token is immutable, so its signature is checked once: later presentations of the same
+        token (for the same realm, issuer and audience) are answered from a bounded cache, with
+        the expiry checked again each time. Revocation is the session's business, not this
+        cache's: callers check the session on every request.
+        """
+        cache_key = (token, realm.id, issuer, repr(audience), require)
+        cached = self._verified.get(cache_key)
+        if cached is not None:
+            if cached.get("exp", 0) + _LEEWAY > time.time():
+                return cached
+            self._verified.pop(cache_key, None)
+            raise AuthError(ErrorCode.TOKEN_EXPIRED)
+        claims = await self._verify_uncached(realm, token, issuer=issuer, audience=audience,
+                                             require=require)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[cache_key] = claims
+        return claims
+
+    async def _verify_uncached(self, realm: Realm, token: str, *, issuer: str | None,
+                               audience: str | list[str] | None,
+                               require: tuple[str, ...]) -> dict[str, Any]:
         try:
             header = jwtlib.unverified_header(token)
             kid = header.get("kid")
@@ -130,7 +156,7 @@ class Keys:
             if realm_id != realm.id or header.get("alg") != alg:
                 raise AuthError(ErrorCode.INVALID_TOKEN)
             return jwtlib.verify(token, key, alg, issuer=issuer, audience=audience,
-                                 require=require)
+                                 require=require, leeway=_LEEWAY)
         except jwtlib.TokenError as exc:
             code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.INVALID_TOKEN
             raise AuthError(code) from None

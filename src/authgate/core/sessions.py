@@ -45,6 +45,7 @@ class Principal:
     realm: Realm
     claims: dict[str, Any]
     session: Session
+    user: User | None = None  # loaded when the caller asked for it
 
     @property
     def user_id(self) -> str:
@@ -213,9 +214,10 @@ class Sessions:
     async def authenticate(self, realm: Realm, access_token: str, *,
                            issuer: str | None = None,
                            audience: str | list[str] | None = None,
-                           subject_claim: str = "sub") -> Principal:
+                           subject_claim: str = "sub", with_user: bool = False) -> Principal:
         """Verify an access token and that its session is still live. ``subject_claim`` names
-        the claim that carries the user id (a dialect's tokens may put it elsewhere)."""
+        the claim that carries the user id (a dialect's tokens may put it elsewhere);
+        ``with_user`` loads the user in the same read."""
         claims = await self.core.keys.verify(
             realm, access_token,
             issuer=issuer if issuer is not None else self.core.realms.issuer(realm),
@@ -223,18 +225,28 @@ class Sessions:
         session_id = claims.get("sid")
         if not isinstance(session_id, str):
             raise AuthError(ErrorCode.INVALID_TOKEN)
-        session = await self.live_session(session_id)
-        if claims.get(subject_claim) != session.user_id:
-            raise AuthError(ErrorCode.INVALID_TOKEN)
-        return Principal(realm=realm, claims=claims, session=session)
-
-    async def live_session(self, session_id: str) -> Session:
         async with self.core.store.transaction() as tx:
             session = await tx.sessions.get(session_id)
+            user = await tx.users.get(session.user_id) if with_user and session else None
+        self._check_live(session)
+        assert session is not None
+        if claims.get(subject_claim) != session.user_id:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        if with_user and (user is None or user.status != "active"):
+            raise AuthError(ErrorCode.SESSION_REVOKED)
+        return Principal(realm=realm, claims=claims, session=session, user=user)
+
+    def _check_live(self, session: Session | None) -> None:
         if session is None:
             raise AuthError(ErrorCode.INVALID_TOKEN)
         if not session.is_live(self.core.now()):
             raise AuthError(ErrorCode.SESSION_REVOKED)
+
+    async def live_session(self, session_id: str) -> Session:
+        async with self.core.store.transaction() as tx:
+            session = await tx.sessions.get(session_id)
+        self._check_live(session)
+        assert session is not None
         return session
 
     # Ending sessions.

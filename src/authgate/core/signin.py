@@ -52,7 +52,7 @@ class SignIn:
             creds = await tx.credentials.for_user(user.id, "password") if user else []
         keys = await self._throttle_keys(realm, login_id, user, client)
         try:
-            await self.core.throttle.check(keys)
+            counted = await self.core.throttle.check(keys)
         except AuthError:
             async with self.core.store.transaction(write=True) as tx:
                 await self.core.audit.record(tx, events.THROTTLED, realm_id=realm.id,
@@ -69,14 +69,14 @@ class SignIn:
             await self._fail(realm, keys, login_id, user, ErrorCode.WRONG_PASSWORD, client)
 
         rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
-        now = self.core.now()
-        async with self.core.store.transaction(write=True) as tx:
-            await self.core.throttle.clear(tx, keys[0])
-            if rehashed is not None:
-                credential.secret, credential.updated_at = rehashed, now
-                await tx.credentials.update(credential)
-                await self.core.audit.record(tx, events.PASSWORD_REHASHED, realm_id=realm.id,
-                                             user_id=user.id)
+        if rehashed is not None or keys[0].key in counted:
+            async with self.core.store.transaction(write=True) as tx:
+                await self.core.throttle.clear(tx, keys[0])
+                if rehashed is not None:
+                    credential.secret, credential.updated_at = rehashed, self.core.now()
+                    await tx.credentials.update(credential)
+                    await self.core.audit.record(tx, events.PASSWORD_REHASHED,
+                                                 realm_id=realm.id, user_id=user.id)
         if user.status != "active":
             # Told only to someone who knows the password.
             raise AuthError(ErrorCode.USER_DISABLED)

@@ -49,17 +49,23 @@ class Throttle:
         """A key for another kind of attempt (PINs, codes, API keys)."""
         return ThrottleKey(f"{scope}:{value}", free_attempts)
 
-    async def check(self, keys: list[ThrottleKey]) -> None:
-        """Raise TOO_MANY_ATTEMPTS if any key is blocked now."""
+    async def check(self, keys: list[ThrottleKey]) -> set[str]:
+        """Raise TOO_MANY_ATTEMPTS if any key is blocked now; return the keys that have a
+        counter (so a success need not write to clear a counter that does not exist)."""
         now = self.core.now()
         wait = 0.0
+        counted = set()
         async with self.core.store.transaction() as tx:
             for key in keys:
                 state = await tx.throttle.get(key.key)
-                if state and state.blocked_until and state.blocked_until > now:
+                if state is None:
+                    continue
+                counted.add(key.key)
+                if state.blocked_until and state.blocked_until > now:
                     wait = max(wait, (state.blocked_until - now).total_seconds())
         if wait > 0:
             raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS, retry_after=max(1, math.ceil(wait)))
+        return counted
 
     async def record_failure(self, tx: Tx, keys: list[ThrottleKey]) -> None:
         s = self.core.settings

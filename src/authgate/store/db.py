@@ -1,61 +1,119 @@
 """Engines and transactions for SQLite (embedded default) and PostgreSQL (production).
 
-SQLite runs in WAL mode with ``synchronous=FULL`` and a busy timeout. Write transactions start
-with ``BEGIN IMMEDIATE`` so that two writers queue for the lock instead of failing when one
-upgrades a read snapshot; read transactions stay deferred and never block writers.
+SQLite runs in WAL mode with ``synchronous=FULL`` (every commit is on disk before it returns).
+Its statements take microseconds, far less than the thread hop aiosqlite needs for each one, so
+transactions run inline on the stdlib ``sqlite3`` driver, without ever waiting for a lock on the
+event loop:
+
+- Writers in one process queue on an ``asyncio.Lock``. A write transaction then tries
+  ``BEGIN IMMEDIATE`` with no busy wait; if another process holds the write lock, it backs off
+  with ``asyncio.sleep`` and tries again. Once the lock is held nothing inside can wait for
+  another writer; the commit's fsync (a few hundred microseconds) is the longest step.
+- Reads use deferred transactions on ``query_only`` connections, so a write attempted in a read
+  transaction fails at once instead of waiting for a lock.
+- aiosqlite serves only migrations and in-memory databases.
+
+PostgreSQL reads run in autocommit mode (one round trip per statement, no BEGIN/COMMIT); writes
+run in a READ COMMITTED transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
+from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from authgate.store.repositories import SqlTx
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_READ_BUSY_TIMEOUT_MS = 2_000
+SQLITE_WRITE_LOCK_WAIT_S = 30.0
 
 
-def _sqlite_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, poolclass=_sqlite_pool_class(url),
-                                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+def _is_memory(url: str) -> bool:
+    database = make_url(url).database
+    return not database or database == ":memory:"
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control from the driver so BEGIN is ours to issue.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+def _sqlite_pragmas(dbapi_connection: Any, *, read_only: bool,
+                    busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    if read_only:
+        cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def _take_transaction_control(engine: Engine) -> None:
+    """Let us issue BEGIN ourselves: IMMEDIATE for writes, deferred for reads."""
+
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         immediate = conn.get_execution_options().get("authgate_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
+
+def _sqlite_write_engine(url: str) -> AsyncEngine:
+    engine = create_async_engine(url, poolclass=StaticPool if _is_memory(url) else None,
+                                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        _sqlite_pragmas(dbapi_connection, read_only=False)
+
+    _take_transaction_control(engine.sync_engine)
     return engine
 
 
-def _sqlite_pool_class(url: str) -> Any:
-    # An in-memory database lives only as long as its one connection.
-    if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
-        from sqlalchemy.pool import StaticPool
+def _sqlite_inline_engine(url: str, *, read_only: bool) -> Engine:
+    """Stdlib sqlite3 connections used on the event loop's thread. Overflow is unbounded, so a
+    checkout never waits; writers never wait for a lock here (busy timeout 0)."""
+    sync_url = make_url(url).set(drivername="sqlite")
+    busy_ms = SQLITE_READ_BUSY_TIMEOUT_MS if read_only else 0
+    engine = create_sync_engine(sync_url, pool_size=8 if read_only else 1, max_overflow=-1,
+                                connect_args={"check_same_thread": False,
+                                              "timeout": busy_ms / 1000})
 
-        return StaticPool
-    return None
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        _sqlite_pragmas(dbapi_connection, read_only=read_only, busy_timeout_ms=busy_ms)
+
+    _take_transaction_control(engine)
+    return engine
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return _sqlite_write_engine(url)
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
                                pool_pre_ping=True)
+
+
+class InlineConnection:
+    """A synchronous connection behind the async ``execute`` the repositories call."""
+
+    __slots__ = ("_conn", "dialect")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.dialect = conn.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.execute(statement, parameters)
 
 
 class SqlStore:
@@ -64,6 +122,13 @@ class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        self._read_engine: Engine | None = None
+        self._write_engine: Engine | None = None
+        if self.is_sqlite and not _is_memory(str(engine.url)):
+            url = engine.url.render_as_string(hide_password=False)
+            self._read_engine = _sqlite_inline_engine(url, read_only=True)
+            self._write_engine = _sqlite_inline_engine(url, read_only=False)
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SqlStore:
@@ -71,11 +136,61 @@ class SqlStore:
 
     @asynccontextmanager
     async def transaction(self, *, write: bool = False) -> AsyncIterator[SqlTx]:
+        if write and self._write_engine is not None:
+            async with self._writing():
+                conn = await self._begin_immediate(self._write_engine)
+                try:
+                    yield SqlTx(InlineConnection(conn))  # type: ignore[arg-type]
+                except BaseException:
+                    conn.rollback()
+                    raise
+                else:
+                    conn.commit()
+                finally:
+                    conn.close()
+            return
+        if write:
+            async with self._writing():
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(authgate_write=True)
+                    async with conn.begin():
+                        yield SqlTx(conn)  # type: ignore[arg-type]
+            return
+        if self._read_engine is not None:
+            with self._read_engine.connect() as sync_conn, sync_conn.begin():
+                yield SqlTx(InlineConnection(sync_conn))  # type: ignore[arg-type]
+            return
         async with self.engine.connect() as conn:
-            if write:
-                conn = await conn.execution_options(authgate_write=True)
+            if not self.is_sqlite:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with conn.begin():
                 yield SqlTx(conn)
+
+    @staticmethod
+    async def _begin_immediate(engine: Engine) -> Connection:
+        """Take SQLite's write lock without blocking the event loop: back off while another
+        process holds it."""
+        deadline = time.monotonic() + SQLITE_WRITE_LOCK_WAIT_S
+        delay = 0.001
+        while True:
+            conn = engine.connect().execution_options(authgate_write=True)
+            try:
+                conn.begin()
+                return conn
+            except OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc.orig) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        async with self._write_lock:
+            yield
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
@@ -87,6 +202,7 @@ class SqlStore:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        for inline in (self._read_engine, self._write_engine):
+            if inline is not None:
+                inline.dispose()
         await self.engine.dispose()
-
-

@@ -1,0 +1,308 @@
+"""Load benchmark: Authgate served for real, driven by wrk, each figure beside its baseline.
+
+For each store (SQLite, PostgreSQL) it starts ``uvicorn authgate.asgi:app`` with production
+Argon2id parameters, then measures in one run, side by side:
+
+- password sign-ins/s (POST /oauth/token, grant_type=password) beside the raw Argon2id verify
+  rate of this machine (the same parameters, one thread per core, no server): target >= 0.85;
+- refresh-token rotations/s (each connection refreshes its own chain of tokens) and userinfo/s,
+  beside a trivial JSON endpoint of the same server (GET /healthz): targets >= 0.35 and >= 0.6;
+- p50/p99 latency of each.
+
+The machines are noisy: only ratios measured in the same run mean anything. Results are appended
+to bench/RESULTS.md as a markdown table. Needs wrk (Debian: apt-get install wrk).
+
+    python bench/run.py [--duration 10] [--stores sqlite,postgres] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+from argon2 import PasswordHasher, Type
+
+HERE = Path(__file__).parent
+LUA = HERE / "lua"
+PG_DSN = os.environ.get("AUTHGATE_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+PASSWORD = "bench passphrase that is long"
+ARGON2 = {"memory_cost": 19_456, "time_cost": 2, "parallelism": 1}
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def argon2_rate(seconds: float, threads: int) -> float:
+    """Raw Argon2id verifies/s with one thread per core (argon2-cffi releases the GIL)."""
+    hasher = PasswordHasher(type=Type.ID, **ARGON2)
+    stored = hasher.hash(PASSWORD)
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def work(index: int) -> None:
+        while time.monotonic() < stop:
+            hasher.verify(stored, PASSWORD)
+            counts[index] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    start = time.monotonic()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
+def parse_wrk(output: str) -> Load:
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", output)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return Load(rps=rps, p50_ms=ms("50"), p99_ms=ms("99"), errors=errors)
+
+
+def wrk(url: str, *, seconds: int, connections: int, threads: int, script: Path | None = None,
+        env: dict[str, str] | None = None) -> Load:
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+               "--timeout", "10s"]
+    if script is not None:
+        command += ["-s", str(script)]
+    result = subprocess.run([*command, url], capture_output=True, text=True, check=True,
+                            env={**os.environ, **(env or {})})
+    return parse_wrk(result.stdout)
+
+
+class Server:
+    def __init__(self, database_url: str, data_dir: Path, workers: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "AUTHGATE_DATABASE_URL": database_url,
+                    "AUTHGATE_DATA_DIR": str(data_dir), "AUTHGATE_PORT": str(self.port),
+                    "AUTHGATE_LOG_LEVEL": "warning", "AUTHGATE_WORKERS": str(workers),
+                    "AUTHGATE_THROTTLE_IP_FREE_ATTEMPTS": "100000"}
+        self.env.pop("AUTHGATE_CONFIG", None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.workers = workers
+
+    def start(self) -> None:
+        # Migrate and create the realm once, before the workers race to do it.
+        subprocess.run([sys.executable, "-m", "authgate", "migrate"], env=self.env, check=True,
+                       capture_output=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning",
+             "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not become ready")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+def signup_and_tokens(base: str, count: int) -> tuple[str, list[str], str]:
+    """Sign a user up; return its e-mail, ``count`` refresh tokens, and one access token."""
+    email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
+    with httpx.Client(base_url=base, timeout=60) as http:
+        created = http.post("/signup", json={"email": email, "password": PASSWORD})
+        created.raise_for_status()
+        refresh, access = [], ""
+        for _ in range(count):
+            response = http.post("/oauth/token", data={
+                "grant_type": "password", "username": email, "password": PASSWORD})
+            response.raise_for_status()
+            refresh.append(response.json()["refresh_token"])
+            access = response.json()["access_token"]
+    return email, refresh, access
+
+
+async def create_pg_database() -> tuple[str, str]:
+    import asyncpg
+
+    name = f"authgate_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return name, f"{base}/{name}"
+
+
+async def drop_pg_database(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-bench-{store}-"))
+    pg_name = None
+    if store == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
+    else:
+        pg_name, database_url = asyncio.run(create_pg_database())
+    server = Server(database_url, data_dir, args.workers)
+    server.start()
+    try:
+        seconds, conns = args.duration, args.connections
+        threads = min(conns, args.wrk_threads)
+        email, refresh_tokens, access = signup_and_tokens(server.url, conns)
+        results: dict[str, object] = {"store": store}
+
+        # Trivial endpoint and userinfo, then refresh chains: all with the same load shape.
+        results["trivial"] = wrk(server.url + "/healthz", seconds=seconds, connections=conns,
+                                 threads=threads)
+        results["userinfo"] = wrk(server.url + "/userinfo", seconds=seconds, connections=conns,
+                                  threads=threads, script=LUA / "bearer.lua",
+                                  env={"AUTHGATE_BENCH_TOKEN": access})
+        token_file = data_dir / "refresh-tokens.txt"
+        token_file.write_text("\n".join(refresh_tokens) + "\n")
+        # One connection per wrk thread, so each thread's Lua state owns one token chain.
+        results["refresh"] = wrk(server.url + "/oauth/token", seconds=seconds,
+                                 connections=conns, threads=conns,
+                                 script=LUA / "refresh.lua",
+                                 env={"AUTHGATE_BENCH_TOKENS": str(token_file)})
+        results["trivial_1conn_per_thread"] = wrk(server.url + "/healthz", seconds=seconds,
+                                                  connections=conns, threads=conns)
+
+        # Password sign-ins beside the raw Argon2id rate, both saturating the same cores.
+        cores = os.cpu_count() or 2
+        results["argon2_raw"] = argon2_rate(seconds, cores)
+        results["signin"] = wrk(server.url + "/oauth/token", seconds=seconds,
+                                connections=args.signin_connections,
+                                threads=min(args.signin_connections, args.wrk_threads),
+                                script=LUA / "signin.lua",
+                                env={"AUTHGATE_BENCH_EMAIL": email,
+                                     "AUTHGATE_BENCH_PASSWORD": PASSWORD})
+        results["argon2_raw_after"] = argon2_rate(seconds, cores)
+        return results
+    finally:
+        server.stop()
+        if pg_name:
+            asyncio.run(drop_pg_database(pg_name))
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in (
+        "fastapi", "starlette", "uvicorn", "SQLAlchemy", "aiosqlite", "asyncpg", "argon2-cffi",
+        "PyJWT"))
+    wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; {versions}; "
+            f"{wrk_version.splitlines()[0] if wrk_version else 'wrk'}")
+
+
+def report(all_results: list[dict[str, object]], args: argparse.Namespace) -> str:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Run of {now}", "", f"Machine: {machine()}", "",
+             f"Load: wrk, {args.duration}s per figure, {args.connections} connections "
+             f"({args.signin_connections} for sign-ins); server: uvicorn, {args.workers} "
+             f"workers, uvloop + httptools; Argon2id m=19 MiB t=2 p=1.", "",
+             "| store | figure | req/s | p50 ms | p99 ms | errors | baseline (same run) | "
+             "ratio | target |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for result in all_results:
+        store = result["store"]
+        trivial: Load = result["trivial"]  # type: ignore[assignment]
+        trivial_1: Load = result["trivial_1conn_per_thread"]  # type: ignore[assignment]
+        raw = statistics.mean([result["argon2_raw"], result["argon2_raw_after"]])  # type: ignore
+        rows = [
+            ("trivial JSON (GET /healthz)", trivial, "-", None, None),
+            ("userinfo", result["userinfo"], f"trivial {trivial.rps:,.0f}/s",
+             result["userinfo"].rps / trivial.rps, 0.6),  # type: ignore[union-attr]
+            ("refresh rotation", result["refresh"],
+             f"trivial, same shape {trivial_1.rps:,.0f}/s",
+             result["refresh"].rps / trivial_1.rps, 0.35),  # type: ignore[union-attr]
+            ("password sign-in", result["signin"], f"raw Argon2id {raw:,.1f}/s",
+             result["signin"].rps / raw, 0.85),  # type: ignore[union-attr]
+        ]
+        for name, load, baseline, ratio, target in rows:
+            lines.append(
+                f"| {store} | {name} | {load.rps:,.1f} | {load.p50_ms:.2f} | {load.p99_ms:.2f} "
+                f"| {load.errors} | {baseline} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} | "
+                f"{'' if target is None else f'≥ {target}'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--signin-connections", type=int, default=8)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    results = [measure(store, args) for store in args.stores.split(",")]
+    table = report(results, args)
+    print(table)
+    with args.output.open("a", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
