@@ -186,7 +186,9 @@ class Challenges:
         challenge = await self._load(realm, login_token, EMAIL_PIN, client)
         now = self.core.now()
         if challenge.expires_at <= now:
-            raise AuthError(ErrorCode.CODE_EXPIRED, "The PIN has expired.")
+            # Like a TOTP code outside its window, an expired PIN is simply not a valid code.
+            raise AuthError(ErrorCode.INVALID_MFA_CODE, "The PIN has expired.",
+                            details={"expired": True})
         user, account = await self._subject(challenge)
         self.core.org_policy.check(account)
         async with self.core.store.transaction(write=True) as tx:
