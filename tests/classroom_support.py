@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+from authgate.config import Settings, load_master_secret
 from authgate.core.engine import Core
-from authgate.core.models import Organisation, Realm, User
+from authgate.core.models import Organisation, Realm, User, utcnow
 from authgate.core.users import NewUser
 from authgate.dialects.classroom import organisation_settings
 from authgate.mail.worker import OutboxWorker
@@ -74,3 +78,27 @@ async def delivered_body(core: Core, mailbox: MailBox, email: str, *, after: int
         await asyncio.sleep(0.05)
     assert mailbox.count_to(email) == after + 1, "expected exactly one new mail"
     return body_of(await mailbox.wait_for(email))
+
+
+class Clock:
+    """A controllable clock for a Core: real time plus an offset the test moves."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.offset
+
+    def advance(self, **delta: float) -> None:
+        self.offset += timedelta(**delta)
+
+
+@asynccontextmanager
+async def clocked_core(settings: Settings, core: Core) -> AsyncIterator[tuple[Core, Clock]]:
+    """A second Core on the same store whose clock the test controls."""
+    clock = Clock()
+    clocked = Core(settings, core.store, load_master_secret(settings), clock=clock)
+    try:
+        yield clocked, clock
+    finally:
+        clocked.hasher.close()  # the store belongs to ``core``

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from authgate.api.app import create_app
-from authgate.config import load_master_secret
 from authgate.core.engine import Core
-from authgate.core.models import utcnow
 from authgate.core.users import NewUser
 from tests.classroom_support import (
     PIN_LINE,
@@ -25,6 +22,7 @@ from tests.classroom_support import (
     Identity,
     body_of,
     classroom_identity,
+    clocked_core,
     delivered_body,
     delivered_pin,
 )
@@ -286,17 +284,11 @@ async def test_a_login_token_is_refused_for_another_users_pin_and_from_another_c
 
 async def test_an_expired_pin_is_refused(settings, core, smtp_server):
     mailbox, _ = smtp_server
-    offset = timedelta(0)
-
-    def clock() -> datetime:
-        return utcnow() + offset
-
-    clocked = Core(settings, core.store, load_master_secret(settings), clock=clock)
-    try:
+    async with clocked_core(settings, core) as (clocked, clock):
         who = await classroom_identity(clocked, unique_email("late"))
         async with classroom_client(create_app(settings, clocked)) as http:
             handle, pin = await pin_step(http, clocked, mailbox, who)
-            offset = timedelta(minutes=15, seconds=1)
+            clock.advance(minutes=15, seconds=1)
             late = await http.post(f"{BASE}/auth/sign-in-with-2fa",
                                    json={"loginToken": handle, "pin": pin})
             assert late.status_code == 401
@@ -305,14 +297,11 @@ async def test_an_expired_pin_is_refused(settings, core, smtp_server):
             assert resend.status_code == 401
             assert resend.json()["message"] == "Provided login token is invalid."
 
-            offset = timedelta(0)
             handle, pin = await pin_step(http, clocked, mailbox, who, mails_before=1)
-            offset = timedelta(minutes=14, seconds=50)
+            clock.advance(minutes=14, seconds=50)
             in_time = await http.post(f"{BASE}/auth/sign-in-with-2fa",
                                       json={"loginToken": handle, "pin": pin})
             assert in_time.status_code == 200
-    finally:
-        clocked.hasher.close()
 
 
 async def test_resending_the_pin_mails_a_new_one_and_retires_the_old(

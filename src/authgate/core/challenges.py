@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from authgate.core import audit as events
@@ -127,7 +127,7 @@ class Challenges:
                         token = new_token(48)
                         await tx.challenges.add(self._challenge(
                             CHOOSE_ACCOUNT, user, account, role, token, client,
-                            expires_at=now + CHOOSE_TTL))
+                            now=now, ttl=CHOOSE_TTL))
                     options.append(AccountOption(account, role, token, refusal,
                                                  policies.requires_mfa(account, role)))
         return AccountChoice(user, options)
@@ -168,7 +168,7 @@ class Challenges:
             raise AuthError(ErrorCode.MFA_REQUIRED, "There is no e-mail address to send a PIN to.")
         token, pin = new_token(48), new_pin(PIN_DIGITS)
         pin_challenge = self._challenge(EMAIL_PIN, user, account, role, token, client,
-                                        expires_at=now + PIN_TTL)
+                                        now=now, ttl=PIN_TTL)
         pin_challenge.pin_hash = self._pin_hash(pin_challenge.id, pin)
         pin_challenge.max_attempts = PIN_ATTEMPTS
         async with self.core.store.transaction(write=True) as tx:
@@ -240,11 +240,11 @@ class Challenges:
     # Shared steps.
 
     def _challenge(self, kind: str, user: User, account: Account, role: str | None,
-                   token: str, client: ClientInfo, *, expires_at: object) -> LoginChallenge:
+                   token: str, client: ClientInfo, *, now: datetime,
+                   ttl: timedelta) -> LoginChallenge:
         return LoginChallenge(
             id=new_id(), realm_id=user.realm_id, user_id=user.id, kind=kind,
-            token_hash=digest(token), created_at=self.core.now(),
-            expires_at=expires_at,  # type: ignore[arg-type]
+            token_hash=digest(token), created_at=now, expires_at=now + ttl,
             membership_id=account.membership.id,
             data={"role": role, "agent": self._agent(client)}, client_ip=client.ip)
 
