@@ -170,6 +170,26 @@ async def test_bad_input_gets_the_422_shape_and_never_a_500(http):
     assert unknown_route.json() == {"status_code": 404, "message": "404 Not Found"}
 
 
+async def test_form_bodies_are_read_and_wrong_methods_get_the_classroom_shape(http, identity):
+    form = await http.post(f"{BASE}/auth/sign-in-verify",
+                           data={"identity": identity.email, "password": PASSWORD})
+    assert form.status_code == 200 and len(form.json()["result"]) == 2
+    wrong_method = await http.get(f"{BASE}/auth/sign-in")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {"status_code": 405, "message": "405 Method Not Allowed"}
+
+
+async def test_the_dialect_can_also_be_served_at_the_root(settings, core, identity):
+    rooted = create_app(settings.model_copy(update={"dialects_at_root": ["classroom"]}), core)
+    async with classroom_client(rooted) as http:
+        response = await http.post("/auth/sign-in-verify",
+                                   json={"identity": identity.email, "password": "nope-nope"})
+        assert response.status_code == 401
+        assert response.json() == {"status_code": 401, "message": "Password is invalid."}
+        prefixed = await verify(http, identity.email)
+        assert prefixed.status_code == 200
+
+
 # Choosing an account.
 
 async def test_choosing_an_account_without_mfa_returns_a_bearer_token_bound_to_a_session(
