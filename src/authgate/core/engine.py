@@ -11,10 +11,13 @@ from datetime import datetime
 
 from authgate.config import Settings
 from authgate.core.audit import Audit
+from authgate.core.challenges import Challenges
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
+from authgate.core.org_policy import OrgPolicies
 from authgate.core.organisations import Organisations
+from authgate.core.password_reset import PasswordResets
 from authgate.core.ports import Store
 from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
@@ -45,6 +48,9 @@ class Core:
         self.signin = SignIn(self)
         self.organisations = Organisations(self)
         self.mail = Mail(self)
+        self.org_policy = OrgPolicies(self)
+        self.challenges = Challenges(self)
+        self.password_resets = PasswordResets(self)
 
     async def close(self) -> None:
         self.hasher.close()

@@ -421,6 +421,18 @@ class ChallengeRepo(_Repo):
         return await self._set(and_(c.id == challenge_id, c.consumed_at.is_(None)),
                                consumed_at=at) == 1
 
+    async def add_attempt(self, challenge_id: str) -> bool:
+        c = t.login_challenges.c
+        return await self._set(and_(c.id == challenge_id, c.consumed_at.is_(None),
+                                    c.attempts < c.max_attempts),
+                               attempts=c.attempts + 1) == 1
+
+    async def add_resend(self, challenge_id: str, max_resends: int) -> bool:
+        c = t.login_challenges.c
+        return await self._set(and_(c.id == challenge_id, c.consumed_at.is_(None),
+                                    c.resends < max_resends),
+                               resends=c.resends + 1) == 1
+
 
 class OneTimeCodeRepo(_Repo):
     table, record = t.one_time_codes, m.OneTimeCode
