@@ -15,6 +15,7 @@ from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
 from authgate.core.organisations import Organisations
+from authgate.core.password_reset import PasswordReset
 from authgate.core.ports import Store
 from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
@@ -45,6 +46,7 @@ class Core:
         self.signin = SignIn(self)
         self.organisations = Organisations(self)
         self.mail = Mail(self)
+        self.password_reset = PasswordReset(self)
 
     async def close(self) -> None:
         self.hasher.close()
