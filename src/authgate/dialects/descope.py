@@ -14,6 +14,7 @@ See docs/dialects/descope.md.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -35,7 +36,7 @@ from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, Session, User
 from authgate.core.organisations import Account
 from authgate.core.sessions import Tokens, check_custom_claims
-from authgate.core.users import NewUser
+from authgate.core.users import PHONE, NewUser
 from authgate.crypto.tokens import new_id
 
 SESSION_COOKIE = "DS"
@@ -261,13 +262,16 @@ def user_json(user: User, accounts: list[Account], kinds: set[str]) -> dict[str,
     }
 
 
-async def _user_json(core: Core, realm: Realm, user: User) -> dict[str, Any]:
-    accounts = await core.organisations.tenancy(realm, user.id)
+async def _user_json(core: Core, realm: Realm, user: User,
+                     accounts: list[Account] | None = None) -> dict[str, Any]:
+    if accounts is None:
+        accounts = await core.organisations.tenancy(realm, user.id)
     return user_json(user, accounts, await core.users.credential_kinds(user.id))
 
 
 async def issue(core: Core, realm: Realm, tokens: Tokens, *, custom: dict[str, Any] | None = None,
-                stepped_up: bool = False) -> tuple[str, str, int]:
+                stepped_up: bool = False,
+                accounts: list[Account] | None = None) -> tuple[str, str, int]:
     """Sign the session JWT and the refresh JWT for a core sign-in or refresh.
 
     Returns (session JWT, refresh JWT, refresh lifetime in seconds). The refresh JWT carries
@@ -276,7 +280,8 @@ async def issue(core: Core, realm: Realm, tokens: Tokens, *, custom: dict[str, A
     user, session = tokens.user, tokens.session
     now = core.now()
     iat = int(now.timestamp())
-    accounts = await core.organisations.tenancy(realm, user.id)
+    if accounts is None:
+        accounts = await core.organisations.tenancy(realm, user.id)
     base = {"iss": _issuer(core, realm), "sub": user.id, "aud": realm.project_id, "iat": iat,
             "sid": session.id, "amr": list(session.amr)}
     claims: dict[str, Any] = {
@@ -307,15 +312,17 @@ async def _jwt_response(request: Request, realm: Realm, tokens: Tokens, *,
                         custom: dict[str, Any] | None = None, stepped_up: bool = False,
                         first_seen: bool | None = None, with_user: bool = True) -> Response:
     core = _core(request)
+    accounts = await core.organisations.tenancy(realm, tokens.user.id)
     session_jwt, refresh_jwt, refresh_ttl = await issue(core, realm, tokens, custom=custom,
-                                                        stepped_up=stepped_up)
+                                                        stepped_up=stepped_up,
+                                                        accounts=accounts)
     expires = int(core.now().timestamp()) + refresh_ttl
     body: dict[str, Any] = {
         "sessionJwt": session_jwt, "refreshJwt": refresh_jwt, "cookieDomain": "",
         "cookiePath": "/", "cookieMaxAge": refresh_ttl, "cookieExpiration": expires,
     }
     if with_user:
-        body["user"] = await _user_json(core, realm, tokens.user)
+        body["user"] = await _user_json(core, realm, tokens.user, accounts)
     if first_seen is not None:
         body["firstSeen"] = first_seen
     response = JSONResponse(body, headers=NO_STORE)
@@ -334,31 +341,46 @@ def _signed_out() -> Response:
     return response
 
 
-def _login_options(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool, bool]:
-    """(custom claims, stepup, mfa, revokeOtherSessions) from ``loginOptions``."""
+@dataclass(slots=True)
+class LoginOptions:
+    """``loginOptions`` as the SDK sends them; with stepup or mfa, the verified claims of the
+    refresh JWT the request carries."""
+
+    custom: dict[str, Any]
+    stepup: bool
+    mfa: bool
+    revoke_others: bool
+    refresh: dict[str, Any] | None = None
+
+
+async def _login_options(request: Request, realm: Realm, token: str | None,
+                         body: dict[str, Any]) -> LoginOptions:
     options = _object(body, "loginOptions")
-    custom = check_custom_claims(options.get("customClaims"), reserved=DESCOPE_CLAIMS)
-    return (custom, bool_field(options, "stepup"), bool_field(options, "mfa"),
-            bool_field(options, "revokeOtherSessions"))
+    found = LoginOptions(
+        custom=check_custom_claims(options.get("customClaims"), reserved=DESCOPE_CLAIMS),
+        stepup=bool_field(options, "stepup"), mfa=bool_field(options, "mfa"),
+        revoke_others=bool_field(options, "revokeOtherSessions"))
+    if found.stepup or found.mfa:
+        found.refresh = await _refresh_claims(request, realm, token)
+    return found
 
 
-async def _start(request: Request, realm: Realm, user: User, token: str | None,
-                 body: dict[str, Any], *, first_seen: bool) -> Response:
-    """Start a session after a password check, or step up the session of ``token``."""
+async def _start(request: Request, realm: Realm, user: User, options: LoginOptions, *,
+                 first_seen: bool) -> Response:
+    """Start a session after a password check, or step up the session of the refresh JWT."""
     core = _core(request)
     client = client_info(request)
-    custom, stepup, mfa, revoke_others = _login_options(body)
-    if stepup or mfa:
-        claims = await _refresh_claims(request, realm, token)
-        custom = {**(claims.get("cc") or {}), **custom}
-        tokens = await core.sessions.step_up(realm, claims["rt"], user, amr=["pwd"], mfa=mfa,
-                                             client=client)
-        stepped_up = stepup or bool(claims.get("su"))
+    custom = options.custom
+    if options.refresh is not None:
+        custom = {**(options.refresh.get("cc") or {}), **custom}
+        tokens = await core.sessions.step_up(realm, options.refresh["rt"], user, amr=["pwd"],
+                                             mfa=options.mfa, client=client)
+        stepped_up = options.stepup or bool(options.refresh.get("su"))
     else:
         tokens = await core.sessions.start(realm, user, amr=["pwd"], client=client,
                                            with_id_token=False)
         stepped_up = False
-    if revoke_others:
+    if options.revoke_others:
         await core.sessions.revoke_all(realm, user.id, except_session_id=tokens.session.id,
                                        client=client)
     return await _jwt_response(request, realm, tokens, custom=custom, stepped_up=stepped_up,
@@ -410,7 +432,7 @@ def _assign_login_ids(new: NewUser, login_id: str, email: str | None,
     others, and must agree with the loginId when they name the same slot."""
     if "@" in login_id:
         new.email = login_id
-    elif login_id.lstrip("+")[:1].isdigit():
+    elif PHONE.match(login_id):
         new.phone = login_id
     else:
         new.username = login_id
@@ -432,10 +454,9 @@ async def password_signin(request: Request) -> Response:
     login_id = _required(body, "loginId", max_length=320)
     password = _required(body, "password", max_length=core.settings.password_max_length)
     string_field(body, "ssoAppId", max_length=200)  # accepted, not used (no SSO apps)
-    _login_options(body)  # refuse bad options before any password work
+    options = await _login_options(request, realm, token, body)  # before any password work
     user = await core.signin.password(realm, login_id, password, client_info(request))
-    return await _start(request, realm, user, token, body,
-                        first_seen=user.last_sign_in_at is None)
+    return await _start(request, realm, user, options, first_seen=user.last_sign_in_at is None)
 
 
 @router.post("/v1/auth/password/replace", summary="Replace a password, proving the old one")
