@@ -276,6 +276,49 @@ async def test_repeated_failures_answer_429_with_retry_after(live_server, realm)
     assert raised.value.rate_limit_parameters["Retry-After"] >= 1
 
 
+async def test_disabled_user_is_refused_with_the_documented_code(live_server, core: Core,
+                                                                 realm):
+    client, email, up = await signed_up(live_server, realm)
+    await core.users.set_status(realm, up["userId"], "disabled")
+    status, body = await sdk_error(client.password.sign_in, email, PASSWORD)
+    assert (status, body["errorCode"]) == (403, "E062109")
+    status, body = await sdk_error(client.refresh_session, up["refreshSessionToken"]["jwt"])
+    assert (status, body["errorCode"]) == (401, "E061204"), "disabling ends the sessions"
+
+
+async def test_sign_up_maps_the_login_id_and_contacts(live_server, realm):
+    client = sdk(live_server, realm)
+    email = unique_email("phone")
+    result = await call(client.password.sign_up, "+44 20 7946 0018", PASSWORD,
+                        {"email": email, "givenName": "Alan", "familyName": "Turing"})
+    person = result["user"]
+    assert person["phone"] == "+44 20 7946 0018" and person["email"] == email
+    assert set(person["loginIds"]) == {email, "+44 20 7946 0018"}
+    assert person["name"] == "Alan Turing"
+    by_email = await call(client.password.sign_in, email, PASSWORD)
+    assert by_email["userId"] == person["userId"]
+    status, body = await sdk_error(client.password.sign_up, unique_email(), PASSWORD,
+                                   {"email": unique_email()})
+    assert (status, body["errorCode"]) == (400, "E011004")
+
+
+async def test_inactive_tenants_are_neither_listed_nor_selectable(live_server, core: Core,
+                                                                  realm):
+    client, email, up = await signed_up(live_server, realm)
+    paused = await core.organisations.create(realm, "paused")
+    await core.organisations.add_member(realm, paused, up["userId"], roles=["admin"],
+                                        status="inactive")
+    closed = await core.organisations.create(realm, "closed", is_active=False)
+    await core.organisations.add_member(realm, closed, up["userId"], roles=["admin"])
+    result = await call(client.password.sign_in, email, PASSWORD)
+    assert result["user"]["userTenants"] == [] and result["tenants"] == {}
+    refresh = result["refreshSessionToken"]["jwt"]
+    status, body = await sdk_error(client.select_tenant, paused.id, refresh)
+    assert (status, body["errorCode"]) == (403, "E063104")
+    status, body = await sdk_error(client.select_tenant, closed.id, refresh)
+    assert (status, body["errorCode"]) == (403, "E063102")
+
+
 # Login options, sent as the SDK sends them (body loginOptions, Bearer <ProjectID>:<refresh>).
 
 async def test_custom_claims_are_signed_into_the_jwt_and_survive_refresh(live_server, realm):
