@@ -319,6 +319,18 @@ async def test_inactive_tenants_are_neither_listed_nor_selectable(live_server, c
     assert (status, body["errorCode"]) == (403, "E063102")
 
 
+async def test_a_refresh_jwt_is_refused_by_another_project(live_server, core: Core, realm):
+    client, email, up = await signed_up(live_server, realm)
+    other = await core.realms.create(f"t-other-{uuid.uuid4().hex[:12]}")
+    async with httpx.AsyncClient(base_url=live_server.url + "/descope") as http:
+        response = await http.post(
+            "/v1/auth/refresh", headers=auth(other, up["refreshSessionToken"]["jwt"]), json={})
+        assert (response.status_code, response.json()["errorCode"]) == (401, "E061201")
+        listed = await http.get("/v1/auth/me/tenants",
+                                headers=auth(realm, up["refreshSessionToken"]["jwt"]))
+        assert listed.status_code == 200 and listed.json() == {"tenants": []}
+
+
 # Login options, sent as the SDK sends them (body loginOptions, Bearer <ProjectID>:<refresh>).
 
 async def test_custom_claims_are_signed_into_the_jwt_and_survive_refresh(live_server, realm):
@@ -472,6 +484,8 @@ async def test_malformed_requests_get_descope_error_codes(client, realm):
         (client.post(signin, headers={**auth(realm), "Content-Type": "application/json"},
                      content=b"{not json"), 400, "E011001"),
         (client.post(signin, headers=auth(realm), json=[1, 2]), 400, "E011001"),
+        (client.post(signin, headers={**auth(realm), "Content-Type": "text/html"},
+                     content=b"<p>hi</p>"), 415, "E011001"),
         (client.post(signin, json={"loginId": "a@b.co", "password": "x"}), 400, "E011002"),
         (client.post(signin, headers={"Authorization": "Bearer "},
                      json={"loginId": "a@b.co", "password": "x"}), 400, "E011002"),

@@ -202,19 +202,18 @@ async def _refresh_claims(request: Request, realm: Realm, token: str | None) -> 
 
 
 async def _session_user(request: Request, realm: Realm,
-                        token: str | None) -> tuple[Session, User, dict[str, Any]]:
-    """The live session and user behind a refresh JWT or, for read-only calls, a session JWT."""
+                        token: str | None) -> tuple[Session, User]:
+    """The live session and user behind a refresh JWT or, for calls that neither rotate nor
+    change anything but the session itself (me, tenants, history, logout), a session JWT."""
     core = _core(request)
     if token and _looks_like_session_jwt(token):
         principal = await core.sessions.authenticate(realm, token, issuer=_issuer(core, realm),
                                                      audience=realm.project_id)
         if principal.claims.get("drn") != "DS":
             raise AuthError(ErrorCode.INVALID_TOKEN)
-        user = await core.users.get(realm, principal.user_id)
-        return principal.session, user, {}
+        return principal.session, await core.users.get(realm, principal.user_id)
     claims = await _refresh_claims(request, realm, token)
-    session, user = await core.sessions.holder(realm, claims["rt"], client_info(request))
-    return session, user, claims
+    return await core.sessions.holder(realm, claims["rt"], client_info(request))
 
 
 def _looks_like_session_jwt(token: str) -> bool:
@@ -538,7 +537,7 @@ async def refresh(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     realm, token = await _realm(request)
     await read_body(request, allow_form=False, allow_empty=True)
-    session, user, _ = await _session_user(request, realm, token)
+    session, user = await _session_user(request, realm, token)
     await _core(request).sessions.revoke(realm, session.id, user_id=user.id,
                                          client=client_info(request))
     return _signed_out()
@@ -548,7 +547,7 @@ async def logout(request: Request) -> Response:
 async def logout_all(request: Request) -> Response:
     realm, token = await _realm(request)
     await read_body(request, allow_form=False, allow_empty=True)
-    _, user, _ = await _session_user(request, realm, token)
+    _, user = await _session_user(request, realm, token)
     await _core(request).sessions.revoke_all(realm, user.id, client=client_info(request))
     return _signed_out()
 
@@ -556,7 +555,7 @@ async def logout_all(request: Request) -> Response:
 @router.get("/v1/auth/me", summary="The session's user")
 async def me(request: Request) -> Response:
     realm, token = await _realm(request)
-    _, user, _ = await _session_user(request, realm, token)
+    _, user = await _session_user(request, realm, token)
     return JSONResponse(await _user_json(_core(request), realm, user), headers=NO_STORE)
 
 
@@ -569,7 +568,7 @@ async def my_tenants(request: Request) -> Response:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise BadRequest("ids must be a list of strings.", field="ids", value=ids)
-    session, user, _ = await _session_user(request, realm, token)
+    session, user = await _session_user(request, realm, token)
     accounts = await _core(request).organisations.tenancy(realm, user.id)
     if dct:
         accounts = [a for a in accounts if a.organisation.id == session.organisation_id]
@@ -583,7 +582,7 @@ async def my_tenants(request: Request) -> Response:
 @router.get("/v1/auth/me/history", summary="The sign-ins of the session's user")
 async def my_history(request: Request) -> Response:
     realm, token = await _realm(request)
-    _, user, _ = await _session_user(request, realm, token)
+    _, user = await _session_user(request, realm, token)
     events = await _core(request).audit.sign_ins(realm.id, user.id, limit=100)
     return JSONResponse([{"userId": user.id, "loginTime": int(event.at.timestamp()),
                           "city": "", "country": "", "ip": event.ip or ""}
