@@ -32,6 +32,9 @@ ACCOUNT_LOCKED = "membership.locked"
 PASSWORD_CHANGED = "user.password_changed"
 PASSWORD_REHASHED = "user.password_rehashed"
 ADMIN_ACTION = "admin.action"
+STEPPED_UP = "session.stepped_up"
+ORGANISATION_SELECTED = "session.organisation_selected"
+PASSWORD_RESET_REQUESTED = "user.password_reset_requested"
 
 
 class Audit:
@@ -56,3 +59,9 @@ class Audit:
                      user_id: str | None = None) -> list[AuditEvent]:
         async with self.core.store.transaction() as tx:
             return await tx.audit.recent(realm_id, limit=limit, user_id=user_id)
+
+    async def sign_ins(self, realm_id: str, user_id: str, *, limit: int = 50) -> list[AuditEvent]:
+        """A user's successful sign-ins, newest first."""
+        async with self.core.store.transaction() as tx:
+            return await tx.audit.recent(realm_id, limit=limit, user_id=user_id,
+                                         types=(SIGN_IN,))

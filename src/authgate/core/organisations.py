@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import Membership, Organisation, Realm
+from authgate.core.models import ClientInfo, Membership, Organisation, Realm
 from authgate.core.ports import Conflict, Tx
 from authgate.crypto.secretbox import DecryptionError
 from authgate.crypto.tokens import new_id, new_token
@@ -174,6 +174,39 @@ class Organisations:
                                          user_id=user_id, organisation_id=org.id,
                                          action="membership.unlocked")
         return membership
+
+    async def tenancy(self, realm: Realm, user_id: str) -> list[Account]:
+        """The accounts a user can act in now: active memberships of this realm's active,
+        unsuspended organisations, oldest first."""
+        return [account for account in await self.accounts(user_id)
+                if account.organisation.realm_id == realm.id
+                and account.membership.status == "active"
+                and account.organisation.is_active and not account.organisation.is_suspended]
+
+    async def select_for_session(self, realm: Realm, session_id: str, user_id: str,
+                                 org_id: str, client: ClientInfo | None = None) -> Account:
+        """Make an organisation the session's selected one, after checking that the user is an
+        active, unlocked member of it and that it is active. An organisation the user is not a
+        member of answers as unknown."""
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            org = await tx.organisations.get(org_id)
+            membership = await tx.memberships.find(org_id, user_id) if org else None
+            if org is None or org.realm_id != realm.id or membership is None:
+                raise AuthError(ErrorCode.ORGANISATION_NOT_FOUND)
+            if membership.status != "active":
+                raise AuthError(ErrorCode.MEMBERSHIP_INACTIVE)
+            if membership.locked_until is not None and membership.locked_until > now:
+                raise AuthError(ErrorCode.ACCOUNT_LOCKED)
+            if not org.is_active:
+                raise AuthError(ErrorCode.ORGANISATION_INACTIVE)
+            if org.is_suspended:
+                raise AuthError(ErrorCode.ORGANISATION_SUSPENDED)
+            await tx.sessions.set_organisation(session_id, org.id)
+            await self.core.audit.record(tx, events.ORGANISATION_SELECTED, realm_id=realm.id,
+                                         user_id=user_id, session_id=session_id,
+                                         organisation_id=org.id, client=client)
+        return Account(membership, org)
 
     # The organisation's secret for customer-signed tokens.
 

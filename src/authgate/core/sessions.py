@@ -9,9 +9,12 @@ kept encrypted on its parent row for that purpose.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
@@ -301,6 +304,67 @@ class Sessions:
         return [s for s in sessions if s.realm_id == realm.id]
 
 
+    # A refresh token presented as a credential (for surfaces whose clients send it on every
+    # call, e.g. the Descope dialect).
+
+    async def holder(self, realm: Realm, raw: str,
+                     client: ClientInfo | None = None) -> tuple[Session, User]:
+        """The live session and active user a refresh token belongs to, without rotating it.
+
+        A rotated token is reuse, as in ``refresh``: the session is revoked, unless the token's
+        successor is still unused within the grace window."""
+        if not raw or len(raw) > 512:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        now = self.core.now()
+        grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
+        reused = False
+        async with self.core.store.transaction(write=True) as tx:
+            token = await tx.refresh_tokens.by_hash(digest(raw))
+            session = await tx.sessions.get(token.session_id) if token else None
+            if token is None or session is None or session.realm_id != realm.id:
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            if session.revoked_at is not None:
+                raise AuthError(ErrorCode.SESSION_REVOKED)
+            if session.expires_at <= now or token.expires_at <= now:
+                raise AuthError(ErrorCode.TOKEN_EXPIRED)
+            user = await tx.users.get(session.user_id)
+            if user is None or user.status != "active":
+                raise AuthError(ErrorCode.USER_DISABLED)
+            if token.rotated_at is not None and \
+                    await self._grace_successor(tx, token, now, grace) is None:
+                await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+                await self.core.audit.record(tx, events.REFRESH_REUSED, realm_id=realm.id,
+                                             user_id=user.id, session_id=session.id,
+                                             client=client)
+                reused = True
+        if reused:
+            raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
+        return session, user
+
+    async def step_up(self, realm: Realm, raw: str, user: User, *, amr: list[str],
+                      mfa: bool = False, client: ClientInfo | None = None) -> Tokens:
+        """Add a fresh authentication of ``user`` to the session a refresh token belongs to,
+        then rotate the token.
+
+        The token must be the same user's. With ``mfa`` the new authentication is a second
+        factor: it must use a method the session does not have yet (a password twice is one
+        factor), and the session gains ``mfa``."""
+        session, holder = await self.holder(realm, raw, client)
+        if holder.id != user.id:
+            raise AuthError(ErrorCode.FORBIDDEN, "The refresh token belongs to another user.")
+        added = list(amr)
+        if mfa:
+            if all(method in session.amr for method in amr):
+                raise AuthError(ErrorCode.INVALID_REQUEST, "A second factor must be a method "
+                                "the session does not have yet.", details={"field": "mfa"})
+            added.append("mfa")
+        async with self.core.store.transaction(write=True) as tx:
+            await tx.sessions.add_amr(session.id, added)
+            await self.core.audit.record(tx, events.STEPPED_UP, realm_id=realm.id,
+                                         user_id=user.id, session_id=session.id, client=client,
+                                         amr=added)
+        return await self.refresh(realm, raw, client, with_id_token=False)
+
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "amr",
                              "azp", "auth_time", "nonce", "acr", "cnf"})
 
@@ -317,3 +381,32 @@ def profile_claims(user: User) -> dict[str, Any]:
         "updated_at": int(user.updated_at.timestamp()),
     }
     return {k: v for k, v in claims.items() if v is not None}
+
+
+def check_custom_claims(claims: Any, *, reserved: Iterable[str] = (),
+                        max_bytes: int = 4096) -> dict[str, Any]:
+    """Claims a client asks to add to its session tokens: a small JSON object whose names
+    shadow none of the claims the issuer sets (the standard ones, and ``reserved``)."""
+    if claims is None:
+        return {}
+    if not isinstance(claims, dict):
+        raise AuthError(ErrorCode.INVALID_REQUEST, "customClaims must be an object.",
+                        details={"field": "customClaims"})
+    taken = RESERVED_CLAIMS | frozenset(reserved)
+    refused = sorted(str(name) for name in claims if name in taken)
+    if refused:
+        raise AuthError(ErrorCode.INVALID_REQUEST,
+                        f"These claims are reserved and cannot be set: {refused}.",
+                        details={"field": "customClaims"})
+    if not all(isinstance(name, str) and 0 < len(name) <= 100 for name in claims):
+        raise AuthError(ErrorCode.INVALID_REQUEST, "Claim names are 1-100 characters.",
+                        details={"field": "customClaims"})
+    try:
+        size = len(orjson.dumps(claims))
+    except TypeError:
+        size = max_bytes + 1
+    if size > max_bytes:
+        raise AuthError(ErrorCode.INVALID_REQUEST,
+                        f"customClaims must be a JSON object of at most {max_bytes} bytes.",
+                        details={"field": "customClaims"})
+    return dict(claims)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Credential, Realm, User
+from authgate.core.models import ClientInfo, Credential, Realm, User, normalise_login_id
 from authgate.core.password_policy import PasswordPolicy
 from authgate.core.ports import Conflict
 from authgate.crypto.passwords import is_supported_hash
@@ -247,5 +247,26 @@ class Users:
             raise AuthError(ErrorCode.WRONG_PASSWORD, "The current password is wrong.")
         async with self.core.store.transaction(write=True) as tx:
             await throttle.clear(tx, key)
+        await self.set_password(realm, user_id, new, keep_session_id=keep_session_id,
+                                client=client)
+
+    async def credential_kinds(self, user_id: str) -> set[str]:
+        """Which kinds of confirmed credential (password, totp) a user has."""
+        found = set()
+        async with self.core.store.transaction() as tx:
+            for kind in ("password", "totp"):
+                if any(c.confirmed for c in await tx.credentials.for_user(user_id, kind)):
+                    found.add(kind)
+        return found
+
+    async def update_password(self, realm: Realm, user_id: str, login_id: str, new: str, *,
+                              keep_session_id: str | None = None,
+                              client: ClientInfo | None = None) -> None:
+        """Set a new password for the holder of a live session, who names one of their own
+        login ids (a session of one user cannot change another user's password)."""
+        user = await self.get(realm, user_id)
+        wanted = normalise_login_id(login_id)
+        if wanted not in {normalise_login_id(value) for value in user.login_ids}:
+            raise AuthError(ErrorCode.FORBIDDEN, "The login id is not the session user's.")
         await self.set_password(realm, user_id, new, keep_session_id=keep_session_id,
                                 client=client)

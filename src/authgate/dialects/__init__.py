@@ -11,6 +11,7 @@ from types import ModuleType
 
 REGISTRY: dict[str, str] = {
     "classroom": "authgate.dialects.classroom",
+    "descope": "authgate.dialects.descope",
 }
 
 
