@@ -14,6 +14,7 @@ from authgate.core.audit import Audit
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
+from authgate.core.org_access import OrganisationAccess
 from authgate.core.organisations import Organisations
 from authgate.core.ports import Store
 from authgate.core.realms import Realms
@@ -21,6 +22,7 @@ from authgate.core.sessions import Sessions
 from authgate.core.signin import SignIn
 from authgate.core.throttle import Throttle
 from authgate.core.users import Users
+from authgate.core.verification import Verification
 from authgate.crypto.passwords import PasswordHasher
 from authgate.crypto.secretbox import SecretBox
 
@@ -45,6 +47,8 @@ class Core:
         self.signin = SignIn(self)
         self.organisations = Organisations(self)
         self.mail = Mail(self)
+        self.verification = Verification(self)
+        self.org_access = OrganisationAccess(self)
 
     async def close(self) -> None:
         self.hasher.close()
