@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "tiledesk": "authgate.dialects.tiledesk",
+}
 
 
 def load(name: str) -> ModuleType:
