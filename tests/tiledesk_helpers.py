@@ -28,7 +28,7 @@ async def deliver_and_read(core: Core, box: MailBox, to: str) -> str:
 
 
 def mailed_code(text: str) -> str:
-    found = re.search(r"code: (\d{6})", text)
+    found = re.search(r"(?:code|password): (\d{6})\b", text)
     assert found, text
     return found.group(1)
 
