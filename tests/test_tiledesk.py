@@ -274,6 +274,18 @@ async def test_missing_forged_or_bearer_tokens_are_unauthorized(client):
         assert response.text == "Unauthorized"
 
 
+async def test_tiledesk_and_native_tokens_are_not_interchangeable(client, core):
+    email, token = await signed_in(client)
+    native = await client.get("/userinfo", headers={"Authorization": "Bearer " + token[4:]})
+    assert native.status_code == 401
+    grant = await client.post("/oauth/token", data={
+        "grant_type": "password", "username": email, "password": PASSWORD})
+    assert grant.status_code == 200
+    access = grant.json()["access_token"]
+    response = await client.get("/tiledesk/users", headers=auth("JWT " + access))
+    assert response.status_code == 401
+
+
 async def test_a_revoked_session_ends_its_token(client, core):
     _, token = await signed_in(client)
     realm = await core.realms.require("default")
@@ -346,12 +358,17 @@ async def test_signin_anonymously_refusals(client, core):
     assert missing.status_code == 422
     assert missing.json() == {"errors": [{"msg": "Invalid value", "param": "id_project",
                                           "location": "body"}]}
-    unknown = await client.post("/tiledesk/auth/signinAnonymously",
-                                json={"id_project": str(uuid.uuid4())})
-    assert unknown.status_code == 404
-    assert unknown.json() == {"success": False, "msg": "Project not found.",
-                              "error_code": 11001}
+    for id_project in (str(uuid.uuid4()), "5ab11c6b83dc240014d46095", 42):
+        unknown = await client.post("/tiledesk/auth/signinAnonymously",
+                                    json={"id_project": id_project})
+        assert unknown.status_code == 404
+        assert unknown.json() == {"success": False, "msg": "Project not found.",
+                                  "error_code": 11001}
     org, _ = await project(core, secret=False)
+    bad_attributes = await client.post("/tiledesk/auth/signinAnonymously", json={
+        "id_project": org.id, "attributes": "not an object"})
+    assert bad_attributes.status_code == 422
+    assert bad_attributes.json()["errors"][0]["param"] == "attributes"
     realm = await core.realms.require("default")
     await core.organisations.update(realm, org.id, {"is_active": False})
     inactive = await client.post("/tiledesk/auth/signinAnonymously",
