@@ -468,6 +468,13 @@ async def test_customer_tokens_that_must_be_refused(client, core):
     no_header = await client.post("/tiledesk/auth/signinWithCustomToken")
     assert no_header.status_code == 401
 
+    for claims, message in (({"role": "superuser"}, "Unknown role."),
+                            ({"email": "not-an-email"}, "The token's email claim is invalid.")):
+        response = await client.post("/tiledesk/auth/signinWithCustomToken", headers=auth(
+            "JWT " + customer_token(org, secret, **claims)))
+        assert response.status_code == 400
+        assert response.json() == {"success": False, "msg": message}
+
     no_aud = await client.post("/tiledesk/auth/signinWithCustomToken", headers=auth(
         "JWT " + customer_token(org, secret, aud=None)))
     assert no_aud.status_code == 400

@@ -161,12 +161,16 @@ class OrganisationAccess:
             raise AuthError(ErrorCode.INVALID_TOKEN, "The token has no _id.")
         role = claims.get("role") or DEFAULT_CUSTOMER_ROLE
         if role not in CUSTOMER_ROLES:
-            raise AuthError(ErrorCode.INVALID_REQUEST, "Unknown role.",
-                            details={"field": "role"})
-        email = _contact_email(claims.get("email"))
-        given, family = _name(claims.get("firstname"), "firstname"), \
-            _name(claims.get("lastname"), "lastname")
-        attributes = _attributes(claims.get("attributes"), email)
+            raise AuthError(ErrorCode.INVALID_REQUEST, "Unknown role.")
+        try:
+            email = _contact_email(claims.get("email"))
+            given, family = _name(claims.get("firstname"), "firstname"), \
+                _name(claims.get("lastname"), "lastname")
+            attributes = _attributes(claims.get("attributes"), email)
+        except AuthError as exc:
+            # A claim, not a field of the request body.
+            raise AuthError(ErrorCode.INVALID_REQUEST, "The token's "
+                            f"{exc.details.get('field')} claim is invalid.") from None
 
         external_id = f"{org.id}:{external}"
         async with self.core.store.transaction() as tx:
