@@ -265,7 +265,8 @@ async def test_get_users_answers_me_with_a_jwt_token(client):
 async def test_missing_forged_or_bearer_tokens_are_unauthorized(client):
     _, token = await signed_in(client)
     forged_claims = {**claims_of(token)}
-    forged = "JWT " + jwt.encode(forged_claims, "a guessed secret of thirty-two bytes!", algorithm="HS256")
+    guessed = "a guessed secret of thirty-two bytes!"
+    forged = "JWT " + jwt.encode(forged_claims, guessed, algorithm="HS256")
     unsigned = "JWT " + jwt.encode(forged_claims, None, algorithm="none")
     for headers in ({}, {"Authorization": "Bearer " + token[4:]}, auth(forged),
                     auth(unsigned), auth("JWT garbage")):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, OneTimeCode, Realm, User
 from authgate.core.ports import Tx
-from authgate.crypto.tokens import digest, new_id, new_pin, new_token
+from authgate.crypto.tokens import digest, new_id, new_pin, new_token, same
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
@@ -159,8 +159,8 @@ class Verification:
             live = await tx.codes.live_for_user(user.id, purpose + _PIN, now) if user else []
         live = [c for c in live if c.attempts < MAX_CODE_ATTEMPTS]
         for code in live:
-            if pin and len(pin) <= 32 and self._pin_hash(purpose, code.id, pin) == \
-                    code.secret_hash:
+            if pin and len(pin) <= 32 and same(self._pin_hash(purpose, code.id, pin),
+                                               code.secret_hash):
                 async with self.core.store.transaction(write=True) as tx:
                     await throttle.clear(tx, key)
                 assert user is not None
