@@ -21,7 +21,7 @@ from authgate.mail.worker import OutboxWorker
 from tests.conftest import PASSWORD, MailBox
 
 PIN_LINE = re.compile(r"Your sign-in PIN is: ([0-9]{6})")
-RESET_CODE = re.compile(r"reset your password: (\S+)")
+RESET_CODE = re.compile(r"[?&]token=([A-Za-z0-9_-]+)")
 
 
 def org_name(prefix: str = "org") -> str:

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # The realm each dialect without a realm-naming credential serves (Descope's project id and
     # the web API's APIKey name their realm themselves).
     tiledesk_realm: str = "default"
+    # Lifetime of the tokens the Tiledesk dialect issues (Tiledesk's own never expire; its
+    # clients have no refresh, so these live a working day by default).
+    tiledesk_token_ttl: int = Field(86_400, ge=60, le=30 * 86_400)
     deskera_realm: str = "default"
     classroom_realm: str = "default"
 

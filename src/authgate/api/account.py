@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from authgate.api.deps import get_core, get_principal, get_realm
 from authgate.api.errors import native
-from authgate.api.surface import NO_STORE, BadRequest, JSONResponse, client_info, read_body
+from authgate.api.surface import NO_STORE, BadRequest, JSONResponse, bool_field, client_info
+from authgate.api.surface import read_body
 from authgate.api.surface import string_field
 from authgate.core.models import Realm, Session, User
 from authgate.core.sessions import Principal
@@ -61,7 +62,9 @@ async def signup(request: Request, realm: Realm = Depends(get_realm)) -> Respons
         picture=string_field(body, "picture", max_length=2048),
         custom_attributes=attributes,
     )
-    user = await core.users.sign_up(realm, new, client_info(request))
+    hooks = ([core.verification.sign_up_hook(realm)]
+             if bool_field(body, "send_verification_email") else None)
+    user = await core.users.sign_up(realm, new, client_info(request), hooks=hooks)
     return JSONResponse(user_json(user), status_code=201, headers=NO_STORE)
 
 

@@ -16,14 +16,15 @@ from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
 from authgate.core.org_policy import OrgPolicies
+from authgate.core.org_access import OrganisationAccess
 from authgate.core.organisations import Organisations
-from authgate.core.password_reset import PasswordResets
 from authgate.core.ports import Store
 from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
 from authgate.core.signin import SignIn
 from authgate.core.throttle import Throttle
 from authgate.core.users import Users
+from authgate.core.verification import Verification
 from authgate.crypto.passwords import PasswordHasher
 from authgate.crypto.secretbox import SecretBox
 
@@ -50,7 +51,8 @@ class Core:
         self.mail = Mail(self)
         self.org_policy = OrgPolicies(self)
         self.challenges = Challenges(self)
-        self.password_resets = PasswordResets(self)
+        self.verification = Verification(self)
+        self.org_access = OrganisationAccess(self)
 
     async def close(self) -> None:
         self.hasher.close()

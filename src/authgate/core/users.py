@@ -67,7 +67,7 @@ def _validate(new: NewUser) -> None:
         if not USERNAME.match(new.username):
             raise AuthError(ErrorCode.INVALID_REQUEST, "The username is not valid.",
                             details={"field": "username"})
-    if not (new.email or new.username or new.phone or new.is_anonymous):
+    if not (new.email or new.username or new.phone or new.is_anonymous or new.external_id):
         raise AuthError(ErrorCode.INVALID_REQUEST, "A login id (e-mail, username or phone) "
                         "is required.", details={"field": "loginId"})
     for name in PROFILE_FIELDS:
@@ -93,14 +93,16 @@ class Users:
                                      reject_common=s.password_reject_common)
 
     async def sign_up(self, realm: Realm, new: NewUser,
-                      client: ClientInfo | None = None) -> User:
-        """Self-service sign-up: the realm must allow it, and a password is required."""
+                      client: ClientInfo | None = None, *,
+                      hooks: list[Any] | None = None) -> User:
+        """Self-service sign-up: the realm must allow it, and a password is required.
+        ``hooks`` commit with the user (e.g. ``core.verification.sign_up_hook``)."""
         if not realm.setting("allow_signup"):
             raise AuthError(ErrorCode.FORBIDDEN, "Sign-up is closed in this realm.")
         if not new.password:
             raise AuthError(ErrorCode.INVALID_REQUEST, "A password is required.",
                             details={"field": "password"})
-        return await self.create(realm, new, client=client, event=events.SIGN_UP)
+        return await self.create(realm, new, client=client, event=events.SIGN_UP, hooks=hooks)
 
     async def create(self, realm: Realm, new: NewUser, *, client: ClientInfo | None = None,
                      event: str = "user.created", hooks: list[Any] | None = None) -> User:
@@ -183,7 +185,8 @@ class Users:
         unknown = set(changes) - allowed
         if unknown:
             raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown fields {sorted(unknown)}.")
-        check = NewUser(**{k: getattr(user, k) for k in allowed}, is_anonymous=user.is_anonymous)
+        check = NewUser(**{k: getattr(user, k) for k in allowed}, is_anonymous=user.is_anonymous,
+                        external_id=user.external_id)
         for key, value in changes.items():
             setattr(check, key, value)
         _validate(check)
@@ -238,6 +241,9 @@ class Users:
                               client: ClientInfo | None = None) -> None:
         """Change the password after proving the old one."""
         user = await self.get(realm, user_id)
+        if old == new:
+            raise AuthError(ErrorCode.WEAK_PASSWORD, "The new password must be different from "
+                            "the current one.", details={"reason": "same_password"})
         throttle = self.core.throttle
         key = throttle.scoped_key("reauth", user.id, self.core.settings.throttle_free_attempts)
         await throttle.check([key])

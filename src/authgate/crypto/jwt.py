@@ -106,6 +106,18 @@ def unverified_header(token: str) -> dict[str, Any]:
         raise TokenError("malformed token") from exc
 
 
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of a token whose signature is not checked yet: only to choose which key
+    verifies it, never to trust anything in it."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise TokenError("malformed token") from exc
+    if not isinstance(claims, dict):
+        raise TokenError("malformed token")
+    return claims
+
+
 def verify(token: str, key: Any, alg: str, *, issuer: str | None = None,
            audience: str | list[str] | None = None, leeway: float = 30,
            require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:

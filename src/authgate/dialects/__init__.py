@@ -12,6 +12,7 @@ from types import ModuleType
 REGISTRY: dict[str, str] = {
     "classroom": "authgate.dialects.classroom",
     "descope": "authgate.dialects.descope",
+    "tiledesk": "authgate.dialects.tiledesk",
 }
 
 

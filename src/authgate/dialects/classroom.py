@@ -2,7 +2,7 @@
 
 A translator over the core: ``core.challenges`` runs the steps of a sign-in (password, choose an
 account, e-mailed PIN), ``core.org_policy`` decides which accounts may sign in and which need a
-PIN, ``core.sessions`` issues and checks the bearer JWTs, ``core.password_resets`` resets
+PIN, ``core.sessions`` issues and checks the bearer JWTs, ``core.verification`` resets
 passwords. This module only reads requests and writes the service's shapes; every core error
 becomes a classroom body in ``ClassroomSurface.render``. See docs/dialects/classroom.md.
 """
@@ -301,7 +301,7 @@ async def send_token(request: Request) -> Response:
     body = await read_body(request)
     email = text(body, "email", max_length=320)
     realm = await classroom_realm(core)
-    await core.password_resets.request(realm, email, client_info(request))
+    await core.verification.request_password_reset(realm, email, client=client_info(request))
     # The same answer whether or not the address is known.
     return JSONResponse({"status_code": 200, "message": "OK"}, headers=NO_STORE)
 
@@ -317,5 +317,6 @@ async def reset(request: Request) -> Response:
         raise BadRequest("The password confirmation does not match.", field="password",
                          status=422)
     realm = await classroom_realm(core)
-    await core.password_resets.complete(realm, token, password, client_info(request))
+    await core.verification.reset_password(realm, password, token=token,
+                                           client=client_info(request))
     return JSONResponse({"status_code": 200, "message": "OK"}, headers=NO_STORE)

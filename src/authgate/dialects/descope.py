@@ -496,7 +496,8 @@ async def password_reset(request: Request) -> Response:
     login_id = _required(body, "loginId", max_length=320)
     string_field(body, "redirectUrl", max_length=2048)  # accepted, not used: see the docs
     _object(body, "templateOptions")
-    await _core(request).password_resets.request(realm, login_id, client_info(request))
+    await _core(request).verification.request_password_reset(realm, login_id,
+                                                             client=client_info(request))
     return JSONResponse({"resetMethod": "email", "maskedEmail": _mask(login_id)},
                         headers=NO_STORE)
 
