@@ -10,7 +10,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from authgate.config import Settings
+from authgate.core.api_keys import ApiKeys
 from authgate.core.audit import Audit
+from authgate.core.devices import Devices
+from authgate.core.email_codes import EmailCodes
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
@@ -20,6 +23,7 @@ from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
 from authgate.core.signin import SignIn
 from authgate.core.throttle import Throttle
+from authgate.core.totp import Totp
 from authgate.core.users import Users
 from authgate.crypto.passwords import PasswordHasher
 from authgate.crypto.secretbox import SecretBox
@@ -45,6 +49,10 @@ class Core:
         self.signin = SignIn(self)
         self.organisations = Organisations(self)
         self.mail = Mail(self)
+        self.devices = Devices(self)
+        self.api_keys = ApiKeys(self)
+        self.totp = Totp(self)
+        self.email_codes = EmailCodes(self)
 
     async def close(self) -> None:
         self.hasher.close()
