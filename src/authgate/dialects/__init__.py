@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "deskera": "authgate.dialects.deskera",
+    "webapi": "authgate.dialects.webapi",
+}
 
 
 def load(name: str) -> ModuleType:
