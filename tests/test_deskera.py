@@ -333,3 +333,48 @@ async def test_password_forgot_and_confirm_reset_the_password(live_server, smtp_
         reused = await http.post(f"{BASE}/password/confirm", json={
             "userName": email, "confirmationCode": code.group(1), "password": new_password})
         assert reused.status_code == 400
+
+
+async def test_expired_verification_link_is_410(core, settings, live_server, smtp_server):
+    from datetime import timedelta
+
+    from authgate.api.app import create_app
+    from authgate.config import load_master_secret
+    from authgate.core.models import utcnow
+
+    mailbox, _ = smtp_server
+    email = unique_email("late")
+    async with httpx.AsyncClient(base_url=live_server.url) as http:
+        created = await http.post(f"{BASE}/sign-up/web", json={"userName": email,
+                                                               "password": PASSWORD})
+    assert created.status_code == 200
+    text = (await mailbox.wait_for(email)).get_payload(decode=True).decode()
+    token = re.search(r"token=([^&\s]+)", text).group(1)
+    realm = await core.realms.require(core.settings.deskera_realm)
+    # The same store, seen through a core whose clock is a day and a minute ahead.
+    later = Core(settings, core.store, load_master_secret(settings),
+                 clock=lambda: utcnow() + timedelta(days=1, minutes=1))
+    try:
+        transport = httpx.ASGITransport(app=create_app(settings, later))
+        async with httpx.AsyncClient(transport=transport, base_url="http://authgate.test") as c:
+            response = await c.get(f"{BASE}/email/verification",
+                                   params={"token": token, "user": created.json()["guid"]})
+        assert response.status_code == 410
+        assert response.json() == {"errorMessage": "Verification link expired."}
+    finally:
+        later.hasher.close()
+    assert (await core.users.get(realm, created.json()["guid"])).email_verified is False
+
+
+async def test_mfa_is_still_asked_on_a_remembered_device(client, core):
+    email = await deskera_user(core)
+    first = (await sign_in(client, email)).json()
+    key = first["newDeviceMetadata"]["deviceKey"]
+    totp = await enrol_totp(client, first["accessToken"])
+    branch = await sign_in(client, email, deviceKey=key)
+    assert branch.json() == {"isMFAEnabled": True}
+    done = await client.post(MFA_SIGN_IN, json={"userName": email, "password": PASSWORD,
+                                                 "mfaCode": totp.at(time.time() + 30),
+                                                 "deviceKey": key})
+    assert done.status_code == 200
+    assert "newDeviceMetadata" not in done.json()

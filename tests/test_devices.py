@@ -131,3 +131,21 @@ async def test_remembered_device_keeps_its_owner_out_of_strangers_lockout(core, 
     assert locked.value.code is ErrorCode.TOO_MANY_ATTEMPTS
     owner = ClientInfo(device_key=device.device_key)
     assert (await core.signin.password(realm, user.email, PASSWORD, owner)).id == user.id
+
+
+async def test_reauthentication_token_expires_after_thirty_days(core, realm, user):
+    from authgate.config import load_master_secret
+    from authgate.core.models import utcnow
+
+    device = await core.devices.named(realm, user, "phone")
+    raw = await core.devices.issue_reauth_token(realm, device)
+    # The same store, seen by a core whose clock is 30 days and a minute ahead.
+    later = Core(core.settings, core.store, load_master_secret(core.settings),
+                 clock=lambda: utcnow() + timedelta(days=30, minutes=1))
+    try:
+        with pytest.raises(AuthError) as expired:
+            await later.devices.reauthenticate(realm, raw)
+        assert expired.value.code is ErrorCode.INVALID_TOKEN
+    finally:
+        later.hasher.close()
+    assert (await core.devices.reauthenticate(realm, raw)).user.id == user.id
