@@ -24,10 +24,14 @@ realm_app = typer.Typer(help="Realms: isolated sets of users, keys and settings.
 user_app = typer.Typer(help="Users of a realm.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys of a realm.", no_args_is_help=True)
 org_app = typer.Typer(help="Organisations of a realm.", no_args_is_help=True)
+device_app = typer.Typer(help="Remembered devices of a user.", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys of a realm (the web API's APIKey).", no_args_is_help=True)
 app.add_typer(realm_app, name="realm")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
 app.add_typer(org_app, name="org")
+app.add_typer(device_app, name="device")
+app.add_typer(apikey_app, name="apikey")
 
 console = Console()
 err = Console(stderr=True)
@@ -324,6 +328,84 @@ def org_rotate_secret(organisation: str = typer.Argument(..., help="Id or name."
 
     secret = run(work)
     console.print(f"new secret (shown once, store it now): {secret}")
+
+
+@device_app.command("list")
+def device_list(login_id: str = typer.Argument(..., help="The user's e-mail or username."),
+                realm: str = RealmOption,
+                all_devices: bool = typer.Option(False, "--all", help="Include revoked ones.")
+                ) -> None:
+    """A user's remembered devices."""
+    async def work(core: Any) -> Any:
+        target = await core.realms.require(realm)
+        user = await core.users.find(target, login_id)
+        if user is None:
+            err.print(f"[red]error:[/red] no user {login_id!r} in realm {realm}")
+            raise typer.Exit(1)
+        return await core.devices.list_for_user(target, user.id, include_revoked=all_devices)
+
+    table = Table("id", "name", "device key", "created", "last seen", "revoked")
+    for device in run(work):
+        table.add_row(device.id, device.name or "", device.device_key,
+                      device.created_at.isoformat(timespec="seconds"),
+                      device.last_seen_at.isoformat(timespec="seconds"),
+                      device.revoked_at.isoformat(timespec="seconds") if device.revoked_at
+                      else "")
+    console.print(table)
+
+
+@device_app.command("revoke")
+def device_revoke(device_id: str, realm: str = RealmOption) -> None:
+    """Forget a device: its re-authentication token and its sessions end."""
+    async def work(core: Any) -> Any:
+        return await core.devices.revoke(await core.realms.require(realm), device_id)
+
+    device = run(work)
+    console.print(f"device {device.id} revoked")
+
+
+@apikey_app.command("create")
+def apikey_create(name: str = typer.Argument(..., help="What the key is for."),
+                  realm: str = RealmOption,
+                  organisation: str = typer.Option(None, "--org",
+                                                   help="An organisation (id or name).")
+                  ) -> None:
+    """Create an API key (shown once)."""
+    async def work(core: Any) -> Any:
+        target = await core.realms.require(realm)
+        org_id = None
+        if organisation:
+            org_id = (await core.organisations.find(target, organisation)).id
+        return await core.api_keys.create(target, name, organisation_id=org_id)
+
+    key, raw = run(work)
+    console.print(f"API key {key.id} created in realm {realm}")
+    console.print(f"key (shown once, store it now): {raw}")
+
+
+@apikey_app.command("list")
+def apikey_list(realm: str = RealmOption) -> None:
+    async def work(core: Any) -> Any:
+        return await core.api_keys.list(await core.realms.require(realm))
+
+    table = Table("id", "prefix", "name", "organisation", "created", "last used", "revoked")
+    for key in run(work):
+        table.add_row(key.id, key.prefix, key.name, key.organisation_id or "",
+                      key.created_at.isoformat(timespec="seconds"),
+                      key.last_used_at.isoformat(timespec="seconds") if key.last_used_at
+                      else "",
+                      key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "")
+    console.print(table)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key: str = typer.Argument(..., help="The key's id or prefix."),
+                  realm: str = RealmOption) -> None:
+    async def work(core: Any) -> Any:
+        return await core.api_keys.revoke(await core.realms.require(realm), key, actor="cli")
+
+    revoked = run(work)
+    console.print(f"API key {revoked.id} revoked")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from authgate import __version__, dialects
-from authgate.api import account, admin, admin_organisations, health, oauth, oidc, verification
+from authgate.api import (
+    account,
+    admin,
+    admin_organisations,
+    devices,
+    health,
+    oauth,
+    oidc,
+    verification,
+)
 from authgate.api.errors import native
 from authgate.api.surface import JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
@@ -149,7 +158,8 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
                                  for p in settings.trusted_proxies]
     app.state.surface_prefixes = []
 
-    for router in (oauth.router, oidc.router, account.router, verification.router):
+    for router in (oauth.router, oidc.router, account.router, verification.router,
+                   devices.router):
         app.include_router(router)
         app.include_router(router, prefix="/realms/{realm}")
     app.include_router(admin.router)

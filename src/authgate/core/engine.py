@@ -10,8 +10,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from authgate.config import Settings
+from authgate.core.api_keys import ApiKeys
 from authgate.core.audit import Audit
 from authgate.core.challenges import Challenges
+from authgate.core.devices import Devices
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
@@ -23,6 +25,7 @@ from authgate.core.realms import Realms
 from authgate.core.sessions import Sessions
 from authgate.core.signin import SignIn
 from authgate.core.throttle import Throttle
+from authgate.core.totp import Totp
 from authgate.core.users import Users
 from authgate.core.verification import Verification
 from authgate.crypto.passwords import PasswordHasher
@@ -53,6 +56,9 @@ class Core:
         self.challenges = Challenges(self)
         self.verification = Verification(self)
         self.org_access = OrganisationAccess(self)
+        self.devices = Devices(self)
+        self.api_keys = ApiKeys(self)
+        self.totp = Totp(self)
 
     async def close(self) -> None:
         self.hasher.close()

@@ -68,7 +68,9 @@ class Sessions:
                     client: ClientInfo | None = None, organisation_id: str | None = None,
                     device_id: str | None = None, client_id: str | None = None,
                     nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
-                    with_id_token: bool = True) -> Tokens:
+                    with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
+        """``access_ttl`` overrides the access token's lifetime (a dialect whose clients expect
+        another one); the session's own lifetime does not change."""
         client = client or ClientInfo()
         now = self.core.now()
         s = self.core.settings
@@ -88,7 +90,8 @@ class Sessions:
                                          session_id=session.id, organisation_id=organisation_id,
                                          client=client, amr=session.amr)
         return await self._tokens(realm, user, session, raw, nonce=nonce,
-                                  extra_claims=extra_claims, with_id_token=with_id_token)
+                                  extra_claims=extra_claims, with_id_token=with_id_token,
+                                  access_ttl=access_ttl)
 
     def _new_refresh(self, session: Session, parent_id: str | None) -> tuple[str, RefreshToken]:
         raw = new_token(32)
@@ -100,14 +103,15 @@ class Sessions:
 
     # Tokens.
 
-    def access_claims(self, realm: Realm, user: User, session: Session) -> dict[str, Any]:
+    def access_claims(self, realm: Realm, user: User, session: Session,
+                      access_ttl: int | None = None) -> dict[str, Any]:
         now = int(self.core.now().timestamp())
         claims: dict[str, Any] = {
             "iss": self.core.realms.issuer(realm),
             "sub": user.id,
             "aud": self.core.realms.audience(realm),
             "iat": now,
-            "exp": now + self.core.settings.access_token_ttl,
+            "exp": now + (access_ttl or self.core.settings.access_token_ttl),
             "jti": new_id(),
             "sid": session.id,
             "amr": session.amr,
@@ -140,22 +144,23 @@ class Sessions:
 
     async def _tokens(self, realm: Realm, user: User, session: Session, raw_refresh: str, *,
                       nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
-                      with_id_token: bool = True) -> Tokens:
-        claims = self.access_claims(realm, user, session)
+                      with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
+        claims = self.access_claims(realm, user, session, access_ttl)
         if extra_claims:
             claims.update({k: v for k, v in extra_claims.items() if k not in RESERVED_CLAIMS})
         signer = await self.core.keys.signer(realm)
         id_token = (signer.sign(self.id_claims(realm, user, session, nonce))
                     if with_id_token else None)
         return Tokens(session=session, user=user, access_token=signer.sign(claims, typ="at+jwt"),
-                      expires_in=self.core.settings.access_token_ttl, refresh_token=raw_refresh,
+                      expires_in=access_ttl or self.core.settings.access_token_ttl,
+                      refresh_token=raw_refresh,
                       id_token=id_token, claims=claims)
 
     # Refreshing.
 
     async def refresh(self, realm: Realm, raw: str, client: ClientInfo | None = None, *,
                       extra_claims: dict[str, Any] | None = None,
-                      with_id_token: bool = True) -> Tokens:
+                      with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
         """Rotate a refresh token. Reuse outside the grace window revokes the session."""
         if not raw or len(raw) > 512:
             raise AuthError(ErrorCode.INVALID_TOKEN)
@@ -195,7 +200,8 @@ class Sessions:
         if reused is not None:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
         return await self._tokens(realm, user, session, successor_raw,
-                                  extra_claims=extra_claims, with_id_token=with_id_token)
+                                  extra_claims=extra_claims, with_id_token=with_id_token,
+                                  access_ttl=access_ttl)
 
     async def _grace_successor(self, tx: Any, token: RefreshToken, now: Any,
                                grace: timedelta) -> str | None:

@@ -13,6 +13,8 @@ REGISTRY: dict[str, str] = {
     "classroom": "authgate.dialects.classroom",
     "descope": "authgate.dialects.descope",
     "tiledesk": "authgate.dialects.tiledesk",
+    "deskera": "authgate.dialects.deskera",
+    "webapi": "authgate.dialects.webapi",
 }
 
 

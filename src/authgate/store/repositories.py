@@ -164,6 +164,12 @@ class CredentialRepo(_Repo):
             t.credentials.c.user_id == user_id, t.credentials.c.kind == kind))
         return result.rowcount
 
+    async def mark_used(self, credential_id: str, at: datetime) -> bool:
+        c = t.credentials.c
+        return await self._set(and_(c.id == credential_id,
+                                    or_(c.last_used_at.is_(None), c.last_used_at < at)),
+                               last_used_at=at) == 1
+
 
 class OrganisationRepo(_Repo):
     table, record = t.organisations, m.Organisation
