@@ -27,12 +27,18 @@ def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper())
     logging.basicConfig(level=level, format="%(message)s")
+    # Tracebacks are plain: never the rich formatter, which prints local variables (a
+    # password or a token can be one).
     renderer: Any = (structlog.processors.JSONRenderer() if settings.log_format == "json"
-                     else structlog.dev.ConsoleRenderer())
+                     else structlog.dev.ConsoleRenderer(
+                         exception_formatter=structlog.dev.plain_traceback))
+    processors: list[Any] = [structlog.contextvars.merge_contextvars,
+                             structlog.processors.add_log_level,
+                             structlog.processors.TimeStamper(fmt="iso", utc=True), _drop_secrets]
+    if settings.log_format == "json":
+        processors.append(structlog.processors.format_exc_info)
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), _drop_secrets,
-                    structlog.processors.format_exc_info, renderer],
+        processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )

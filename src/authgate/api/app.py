@@ -29,6 +29,7 @@ from authgate.api import (
 from authgate.api.errors import native
 from authgate.api.surface import JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
+from authgate.logging import configure_logging
 from authgate.core.engine import Core
 from authgate.mail.worker import OutboxWorker
 from authgate.store.db import SqlStore
@@ -147,6 +148,7 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
             if owned:
                 await app.state.core.close()
 
+    configure_logging(settings)
     app = FastAPI(title="Authgate", version=__version__, lifespan=lifespan,
                   description="A self-hosted authentication server: OAuth 2.0 token semantics, "
                               "JWT, JWKS, OpenID Connect discovery, and five sign-in dialects.")

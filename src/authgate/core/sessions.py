@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 _SUCCESSOR = "refresh-successor"
+# A session's last use is written at most this often: it is informational, not a security check.
+TOUCH_INTERVAL = timedelta(seconds=60)
 
 
 @dataclass(slots=True)
@@ -85,7 +87,7 @@ class Sessions:
         async with self.core.store.transaction(write=True) as tx:
             await tx.sessions.add(session)
             await tx.refresh_tokens.add(token)
-            await tx.users.update(user)
+            await tx.users.touch_sign_in(user.id, now)
             await self.core.audit.record(tx, events.SIGN_IN, realm_id=realm.id, user_id=user.id,
                                          session_id=session.id, organisation_id=organisation_id,
                                          client=client, amr=session.amr)
@@ -158,46 +160,59 @@ class Sessions:
 
     # Refreshing.
 
+    async def _refreshable(self, tx: Any, realm: Realm, raw: str, now: datetime, *,
+                           lock: bool) -> tuple[RefreshToken, Session, User]:
+        """The token, its live session and active user, or the AuthError that refuses them."""
+        if not raw or len(raw) > 512:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        token = await tx.refresh_tokens.by_hash(digest(raw), lock=lock)
+        found = await tx.sessions.get_with_user(token.session_id) if token else None
+        if token is None or found is None or found[0].realm_id != realm.id:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        session, user = found
+        if session.revoked_at is not None:
+            raise AuthError(ErrorCode.SESSION_REVOKED)
+        if session.expires_at <= now or token.expires_at <= now:
+            raise AuthError(ErrorCode.TOKEN_EXPIRED)
+        if user.status != "active":
+            raise AuthError(ErrorCode.USER_DISABLED)
+        return token, session, user
+
+    async def _revoke_for_reuse(self, tx: Any, realm: Realm, session: Session, now: datetime,
+                                client: ClientInfo | None) -> None:
+        await tx.sessions.revoke(session.id, now, "refresh_token_reused")
+        await self.core.audit.record(tx, events.REFRESH_REUSED, realm_id=realm.id,
+                                     user_id=session.user_id, session_id=session.id,
+                                     client=client)
+
     async def refresh(self, realm: Realm, raw: str, client: ClientInfo | None = None, *,
                       extra_claims: dict[str, Any] | None = None,
                       with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
         """Rotate a refresh token. Reuse outside the grace window revokes the session."""
-        if not raw or len(raw) > 512:
-            raise AuthError(ErrorCode.INVALID_TOKEN)
         now = self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
-        reused: Session | None = None
+        reused = False
         async with self.core.store.transaction(write=True) as tx:
-            token = await tx.refresh_tokens.by_hash(digest(raw), lock=True)
-            session = await tx.sessions.get(token.session_id) if token else None
-            if token is None or session is None or session.realm_id != realm.id:
-                raise AuthError(ErrorCode.INVALID_TOKEN)
-            if session.revoked_at is not None:
-                raise AuthError(ErrorCode.SESSION_REVOKED)
-            if session.expires_at <= now or token.expires_at <= now:
-                raise AuthError(ErrorCode.TOKEN_EXPIRED)
-            user = await tx.users.get(session.user_id)
-            if user is None or user.status != "active":
-                raise AuthError(ErrorCode.USER_DISABLED)
+            token, session, user = await self._refreshable(tx, realm, raw, now, lock=True)
             if token.rotated_at is None:
                 successor_raw, successor = self._new_refresh(session, parent_id=token.id)
                 await tx.refresh_tokens.add(successor)
                 sealed = self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token.id)
                 if not await tx.refresh_tokens.mark_rotated(token.id, now, successor.id, sealed):
                     raise AuthError(ErrorCode.INVALID_TOKEN)  # lost a race the lock prevents
-                await tx.sessions.touch(session.id, now)
+                if now - session.last_used_at > TOUCH_INTERVAL:
+                    await tx.sessions.touch(session.id, now)
                 await self.core.audit.record(tx, events.REFRESHED, realm_id=realm.id,
                                              user_id=user.id, session_id=session.id,
                                              client=client)
             else:
-                successor_raw = await self._grace_successor(tx, token, now, grace)
-                if successor_raw is None:
-                    await tx.sessions.revoke(session.id, now, "refresh_token_reused")
-                    await self.core.audit.record(tx, events.REFRESH_REUSED, realm_id=realm.id,
-                                                 user_id=user.id, session_id=session.id,
-                                                 client=client)
-                    reused = session
-        if reused is not None:
+                grace_raw = await self._grace_successor(tx, token, now, grace)
+                if grace_raw is None:
+                    await self._revoke_for_reuse(tx, realm, session, now, client)
+                    reused = True
+                else:
+                    successor_raw = grace_raw
+        if reused:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
         return await self._tokens(realm, user, session, successor_raw,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
@@ -235,8 +250,11 @@ class Sessions:
         if not isinstance(session_id, str):
             raise AuthError(ErrorCode.INVALID_TOKEN)
         async with self.core.store.transaction() as tx:
-            session = await tx.sessions.get(session_id)
-            user = await tx.users.get(session.user_id) if with_user and session else None
+            if with_user:
+                found = await tx.sessions.get_with_user(session_id)
+                session, user = found if found else (None, None)
+            else:
+                session, user = await tx.sessions.get(session_id), None
         self._check_live(session)
         assert session is not None
         if claims.get(subject_claim) != session.user_id:
@@ -319,29 +337,14 @@ class Sessions:
 
         A rotated token is reuse, as in ``refresh``: the session is revoked, unless the token's
         successor is still unused within the grace window."""
-        if not raw or len(raw) > 512:
-            raise AuthError(ErrorCode.INVALID_TOKEN)
         now = self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
         reused = False
         async with self.core.store.transaction(write=True) as tx:
-            token = await tx.refresh_tokens.by_hash(digest(raw))
-            session = await tx.sessions.get(token.session_id) if token else None
-            if token is None or session is None or session.realm_id != realm.id:
-                raise AuthError(ErrorCode.INVALID_TOKEN)
-            if session.revoked_at is not None:
-                raise AuthError(ErrorCode.SESSION_REVOKED)
-            if session.expires_at <= now or token.expires_at <= now:
-                raise AuthError(ErrorCode.TOKEN_EXPIRED)
-            user = await tx.users.get(session.user_id)
-            if user is None or user.status != "active":
-                raise AuthError(ErrorCode.USER_DISABLED)
+            token, session, user = await self._refreshable(tx, realm, raw, now, lock=False)
             if token.rotated_at is not None and \
                     await self._grace_successor(tx, token, now, grace) is None:
-                await tx.sessions.revoke(session.id, now, "refresh_token_reused")
-                await self.core.audit.record(tx, events.REFRESH_REUSED, realm_id=realm.id,
-                                             user_id=user.id, session_id=session.id,
-                                             client=client)
+                await self._revoke_for_reuse(tx, realm, session, now, client)
                 reused = True
         if reused:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)

@@ -8,13 +8,14 @@ event loop:
 - Writers in one process queue on an ``asyncio.Lock``. A write transaction then tries
   ``BEGIN IMMEDIATE`` with no busy wait; if another process holds the write lock, it backs off
   with ``asyncio.sleep`` and tries again. Once the lock is held nothing inside can wait for
-  another writer; the commit's fsync (a few hundred microseconds) is the longest step.
-- Reads use deferred transactions on ``query_only`` connections, so a write attempted in a read
-  transaction fails at once instead of waiting for a lock.
+  another writer. The commit's fsync, the longest step, runs in a thread (sqlite3 releases the
+  GIL), so other requests are served meanwhile; the lock is held until it is done.
+- Reads run in autocommit mode (each statement is its own snapshot) on ``query_only``
+  connections, so a write attempted in a read transaction fails at once.
 - aiosqlite serves only migrations and in-memory databases.
 
-PostgreSQL reads run in autocommit mode (one round trip per statement, no BEGIN/COMMIT); writes
-run in a READ COMMITTED transaction.
+PostgreSQL reads run on an autocommit engine (one round trip per statement, no BEGIN/COMMIT);
+writes run in a READ COMMITTED transaction.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def _sqlite_inline_engine(url: str, *, read_only: bool) -> Engine:
     sync_url = make_url(url).set(drivername="sqlite")
     busy_ms = SQLITE_READ_BUSY_TIMEOUT_MS if read_only else 0
     engine = create_sync_engine(sync_url, pool_size=8 if read_only else 1, max_overflow=-1,
+                                pool_reset_on_return=None if read_only else "rollback",
                                 connect_args={"check_same_thread": False,
                                               "timeout": busy_ms / 1000})
 
@@ -92,15 +94,17 @@ def _sqlite_inline_engine(url: str, *, read_only: bool) -> Engine:
         dbapi_connection.isolation_level = None
         _sqlite_pragmas(dbapi_connection, read_only=read_only, busy_timeout_ms=busy_ms)
 
-    _take_transaction_control(engine)
+    if not read_only:
+        _take_transaction_control(engine)
     return engine
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     if url.startswith("sqlite"):
         return _sqlite_write_engine(url)
+    # No pre-ping (a round trip per checkout); connections are recycled instead.
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                               pool_pre_ping=True)
+                               pool_recycle=1800)
 
 
 class InlineConnection:
@@ -129,6 +133,9 @@ class SqlStore:
             self._read_engine = _sqlite_inline_engine(url, read_only=True)
             self._write_engine = _sqlite_inline_engine(url, read_only=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._pg_reads: AsyncEngine | None = None
+        if not self.is_sqlite:
+            self._pg_reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SqlStore:
@@ -145,7 +152,7 @@ class SqlStore:
                     conn.rollback()
                     raise
                 else:
-                    conn.commit()
+                    await asyncio.to_thread(conn.commit)
                 finally:
                     conn.close()
             return
@@ -157,12 +164,10 @@ class SqlStore:
                         yield SqlTx(conn)  # type: ignore[arg-type]
             return
         if self._read_engine is not None:
-            with self._read_engine.connect() as sync_conn, sync_conn.begin():
+            with self._read_engine.connect() as sync_conn:
                 yield SqlTx(InlineConnection(sync_conn))  # type: ignore[arg-type]
             return
-        async with self.engine.connect() as conn:
-            if not self.is_sqlite:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with (self._pg_reads or self.engine).connect() as conn:
             async with conn.begin():
                 yield SqlTx(conn)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +33,40 @@ def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
 
 
+# Statements of a fixed shape are built once, with bound parameters, and reused: building a
+# statement and its cache key costs more than executing it.
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _statement(key: tuple[Any, ...], build: Any) -> Any:
+    statement = _STATEMENTS.get(key)
+    if statement is None:
+        statement = _STATEMENTS[key] = build()
+    return statement
+
+
+def _order(table: Table, order_by: str | None) -> Any:
+    if order_by is None:
+        return None
+    column = table.c[order_by.lstrip("-")]
+    return column.desc() if order_by.startswith("-") else column
+
+
+def _select_eq(table: Table, columns: tuple[str, ...], order_by: str | None = None,
+               for_update: bool = False) -> Any:
+    def build() -> Any:
+        query = select(table).where(*(table.c[c] == bindparam(f"w_{c}") for c in columns))
+        if order_by is not None:
+            query = query.order_by(_order(table, order_by))
+        return query.with_for_update() if for_update else query
+
+    return _statement(("select", table.name, columns, order_by, for_update), build)
+
+
+def _params(eq: dict[str, Any], prefix: str = "w_") -> dict[str, Any]:
+    return {prefix + key: value for key, value in eq.items()}
+
+
 class _Repo:
     table: Table
     record: type[Any]
@@ -41,10 +75,37 @@ class _Repo:
         self.conn = conn
 
     async def _insert(self, obj: Any, *, skip: Sequence[str] = ()) -> None:
+        statement = _statement(("insert", self.table.name), lambda: insert(self.table))
         try:
-            await self.conn.execute(insert(self.table).values(**_values(obj, skip=skip)))
+            await self.conn.execute(statement, _values(obj, skip=skip))
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
+
+    async def _get(self, *, lock: bool = False, **eq: Any) -> Any:
+        """The one row whose columns equal ``eq``, as a record (or None)."""
+        statement = _select_eq(self.table, tuple(eq), for_update=lock)
+        row = (await self.conn.execute(statement, _params(eq))).first()
+        return _record(self.record, row) if row is not None else None
+
+    async def _all(self, order_by: str | None = None, **eq: Any) -> list[Any]:
+        """Every row whose columns equal ``eq``; ``order_by`` names a column, '-' for desc."""
+        statement = _select_eq(self.table, tuple(eq), order_by)
+        return [_record(self.record, row)
+                for row in await self.conn.execute(statement, _params(eq))]
+
+    async def _cas(self, key: str, value: Any, *, unset: tuple[str, ...] = (),
+                   **values: Any) -> int:
+        """Compare-and-set: update the row whose ``key`` is ``value`` only while the ``unset``
+        columns are still NULL. Returns the rows changed (0 or 1)."""
+        def build() -> Any:
+            c = self.table.c
+            return (update(self.table)
+                    .where(c[key] == bindparam("w_key"), *(c[u].is_(None) for u in unset))
+                    .values({name: bindparam(f"v_{name}") for name in values}))
+
+        statement = _statement(("cas", self.table.name, key, unset, tuple(values)), build)
+        result = await self.conn.execute(statement, {"w_key": value, **_params(values, "v_")})
+        return result.rowcount
 
     async def _one(self, *where: Any) -> Any:
         row = (await self.conn.execute(select(self.table).where(*where))).first()
@@ -60,10 +121,7 @@ class _Repo:
         return [_record(self.record, row) for row in await self.conn.execute(query)]
 
     async def _update(self, obj: Any, key: str = "id", *, skip: Sequence[str] = ()) -> None:
-        values = _values(obj, skip=(key, *skip))
-        await self.conn.execute(
-            update(self.table).where(self.table.c[key] == getattr(obj, key)).values(**values)
-        )
+        await self._cas(key, getattr(obj, key), **_values(obj, skip=(key, *skip)))
 
     async def _set(self, where: Any, **values: Any) -> int:
         result = await self.conn.execute(update(self.table).where(where).values(**values))
@@ -77,16 +135,16 @@ class RealmRepo(_Repo):
         await self._insert(realm)
 
     async def get(self, realm_id: str) -> m.Realm | None:
-        return await self._one(t.realms.c.id == realm_id)
+        return await self._get(id=realm_id)
 
     async def by_name(self, name: str) -> m.Realm | None:
-        return await self._one(t.realms.c.name == name)
+        return await self._get(name=name)
 
     async def by_project_id(self, project_id: str) -> m.Realm | None:
-        return await self._one(t.realms.c.project_id == project_id)
+        return await self._get(project_id=project_id)
 
     async def list(self) -> list[m.Realm]:
-        return await self._many(order_by=t.realms.c.created_at)
+        return await self._all("created_at")
 
     async def update_settings(self, realm_id: str, settings: dict[str, Any]) -> None:
         await self._set(t.realms.c.id == realm_id, settings=settings)
@@ -114,25 +172,27 @@ class UserRepo(_Repo):
                 raise Conflict(f"login id taken: {kind}") from None
 
     async def get(self, user_id: str) -> m.User | None:
-        return await self._one(t.users.c.id == user_id)
+        return await self._get(id=user_id)
 
     async def by_login_id(self, realm_id: str, login_id: str) -> m.User | None:
-        query = (
+        query = _statement(("users_by_login_id",), lambda: (
             select(t.users)
             .join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
-            .where(t.login_ids.c.realm_id == realm_id,
-                   t.login_ids.c.value == normalise_login_id(login_id))
-        )
-        row = (await self.conn.execute(query)).first()
+            .where(t.login_ids.c.realm_id == bindparam("realm_id"),
+                   t.login_ids.c.value == bindparam("value"))))
+        row = (await self.conn.execute(query, {"realm_id": realm_id,
+                                               "value": normalise_login_id(login_id)})).first()
         return _record(m.User, row) if row is not None else None
 
     async def by_external_id(self, realm_id: str, external_id: str) -> m.User | None:
-        return await self._one(t.users.c.realm_id == realm_id,
-                               t.users.c.external_id == external_id)
+        return await self._get(realm_id=realm_id, external_id=external_id)
 
     async def update(self, user: m.User) -> None:
         await self._update(user)
         await self._write_login_ids(user)
+
+    async def touch_sign_in(self, user_id: str, at: datetime) -> None:
+        await self._cas("id", user_id, last_sign_in_at=at)
 
     async def list(self, realm_id: str, *, limit: int = 100, offset: int = 0) -> list[m.User]:
         return await self._many(t.users.c.realm_id == realm_id, order_by=t.users.c.created_at,
@@ -150,8 +210,7 @@ class CredentialRepo(_Repo):
         await self._insert(credential)
 
     async def for_user(self, user_id: str, kind: str) -> list[m.Credential]:
-        return await self._many(t.credentials.c.user_id == user_id, t.credentials.c.kind == kind,
-                                order_by=t.credentials.c.created_at)
+        return await self._all("created_at", user_id=user_id, kind=kind)
 
     async def update(self, credential: m.Credential) -> None:
         await self._update(credential)
@@ -178,15 +237,13 @@ class OrganisationRepo(_Repo):
         await self._insert(org)
 
     async def get(self, org_id: str) -> m.Organisation | None:
-        return await self._one(t.organisations.c.id == org_id)
+        return await self._get(id=org_id)
 
     async def by_name(self, realm_id: str, name: str) -> m.Organisation | None:
-        return await self._one(t.organisations.c.realm_id == realm_id,
-                               t.organisations.c.name == name)
+        return await self._get(realm_id=realm_id, name=name)
 
     async def list(self, realm_id: str) -> list[m.Organisation]:
-        return await self._many(t.organisations.c.realm_id == realm_id,
-                                order_by=t.organisations.c.created_at)
+        return await self._all("created_at", realm_id=realm_id)
 
     async def update(self, org: m.Organisation) -> None:
         await self._update(org)
@@ -199,19 +256,16 @@ class MembershipRepo(_Repo):
         await self._insert(membership)
 
     async def get(self, membership_id: str) -> m.Membership | None:
-        return await self._one(t.memberships.c.id == membership_id)
+        return await self._get(id=membership_id)
 
     async def find(self, organisation_id: str, user_id: str) -> m.Membership | None:
-        return await self._one(t.memberships.c.organisation_id == organisation_id,
-                               t.memberships.c.user_id == user_id)
+        return await self._get(organisation_id=organisation_id, user_id=user_id)
 
     async def for_user(self, user_id: str) -> list[m.Membership]:
-        return await self._many(t.memberships.c.user_id == user_id,
-                                order_by=t.memberships.c.created_at)
+        return await self._all("created_at", user_id=user_id)
 
     async def for_organisation(self, organisation_id: str) -> list[m.Membership]:
-        return await self._many(t.memberships.c.organisation_id == organisation_id,
-                                order_by=t.memberships.c.created_at)
+        return await self._all("created_at", organisation_id=organisation_id)
 
     async def update(self, membership: m.Membership) -> None:
         await self._update(membership)
@@ -234,7 +288,7 @@ class SessionRepo(_Repo):
         await self._insert(session)
 
     async def get(self, session_id: str) -> m.Session | None:
-        return await self._one(t.sessions.c.id == session_id)
+        return await self._get(id=session_id)
 
     async def for_user(self, user_id: str, *, live_at: datetime | None = None) -> list[m.Session]:
         c = t.sessions.c
@@ -244,7 +298,20 @@ class SessionRepo(_Repo):
         return await self._many(*where, order_by=c.created_at.desc())
 
     async def touch(self, session_id: str, at: datetime) -> None:
-        await self._set(t.sessions.c.id == session_id, last_used_at=at)
+        await self._cas("id", session_id, last_used_at=at)
+
+    async def get_with_user(self, session_id: str) -> tuple[m.Session, m.User] | None:
+        """A session and its user in one query (the hot path of every bearer request)."""
+        query = _statement(("session_with_user",), lambda: (
+            select(t.sessions, t.users).join(t.users, t.users.c.id == t.sessions.c.user_id)
+            .where(t.sessions.c.id == bindparam("id"))))
+        row = (await self.conn.execute(query, {"id": session_id})).first()
+        if row is None:
+            return None
+        width = len(t.sessions.c)
+        session = m.Session(**{c.name: v for c, v in zip(t.sessions.c, row[:width])})
+        user = m.User(**{c.name: v for c, v in zip(t.users.c, row[width:])})
+        return session, user
 
     async def set_organisation(self, session_id: str, organisation_id: str | None) -> None:
         await self._set(t.sessions.c.id == session_id, organisation_id=organisation_id)
@@ -256,10 +323,8 @@ class SessionRepo(_Repo):
             await self._set(t.sessions.c.id == session_id, amr=merged)
 
     async def revoke(self, session_id: str, at: datetime, reason: str) -> bool:
-        c = t.sessions.c
-        count = await self._set(and_(c.id == session_id, c.revoked_at.is_(None)),
-                                revoked_at=at, revoked_reason=reason)
-        return count > 0
+        return await self._cas("id", session_id, unset=("revoked_at",), revoked_at=at,
+                               revoked_reason=reason) > 0
 
     async def _revoke_where(self, where: Any, at: datetime, reason: str) -> list[str]:
         c = t.sessions.c
@@ -290,22 +355,15 @@ class RefreshTokenRepo(_Repo):
     async def by_hash(self, token_hash: str, *, lock: bool = False) -> m.RefreshToken | None:
         """``lock`` holds the row until commit (PostgreSQL: FOR UPDATE; SQLite's writer lock,
         taken by BEGIN IMMEDIATE, already serialises)."""
-        query = select(t.refresh_tokens).where(t.refresh_tokens.c.token_hash == token_hash)
-        if lock:
-            query = query.with_for_update()
-        row = (await self.conn.execute(query)).first()
-        return _record(m.RefreshToken, row) if row is not None else None
+        return await self._get(lock=lock, token_hash=token_hash)
 
     async def get(self, token_id: str) -> m.RefreshToken | None:
-        return await self._one(t.refresh_tokens.c.id == token_id)
+        return await self._get(id=token_id)
 
     async def mark_rotated(self, token_id: str, at: datetime, successor_id: str,
                            successor_enc: bytes) -> bool:
-        c = t.refresh_tokens.c
-        count = await self._set(and_(c.id == token_id, c.rotated_at.is_(None)),
-                                rotated_at=at, successor_id=successor_id,
-                                successor_enc=successor_enc)
-        return count == 1
+        return await self._cas("id", token_id, unset=("rotated_at",), rotated_at=at,
+                               successor_id=successor_id, successor_enc=successor_enc) == 1
 
 
 class SigningKeyRepo(_Repo):
@@ -321,7 +379,7 @@ class SigningKeyRepo(_Repo):
         return keys[0] if keys else None
 
     async def get(self, kid: str) -> m.SigningKey | None:
-        return await self._one(t.signing_keys.c.kid == kid)
+        return await self._get(kid=kid)
 
     async def published(self, realm_id: str, now: datetime) -> list[m.SigningKey]:
         c = t.signing_keys.c
@@ -348,14 +406,13 @@ class DeviceRepo(_Repo):
         await self._insert(device)
 
     async def get(self, device_id: str) -> m.Device | None:
-        return await self._one(t.devices.c.id == device_id)
+        return await self._get(id=device_id)
 
     async def by_key(self, device_key: str) -> m.Device | None:
-        return await self._one(t.devices.c.device_key == device_key)
+        return await self._get(device_key=device_key)
 
     async def for_user(self, user_id: str) -> list[m.Device]:
-        return await self._many(t.devices.c.user_id == user_id,
-                                order_by=t.devices.c.created_at)
+        return await self._all("created_at", user_id=user_id)
 
     async def touch(self, device_id: str, at: datetime, name: str | None = None) -> None:
         values: dict[str, Any] = {"last_seen_at": at}
@@ -376,7 +433,7 @@ class ReauthTokenRepo(_Repo):
         await self._insert(token)
 
     async def by_hash(self, token_hash: str) -> m.ReauthToken | None:
-        return await self._one(t.reauth_tokens.c.token_hash == token_hash)
+        return await self._get(token_hash=token_hash)
 
     async def consume(self, token_id: str, at: datetime) -> bool:
         c = t.reauth_tokens.c
@@ -396,11 +453,10 @@ class ApiKeyRepo(_Repo):
         await self._insert(key)
 
     async def by_hash(self, key_hash: str) -> m.ApiKey | None:
-        return await self._one(t.api_keys.c.key_hash == key_hash)
+        return await self._get(key_hash=key_hash)
 
     async def list(self, realm_id: str) -> list[m.ApiKey]:
-        return await self._many(t.api_keys.c.realm_id == realm_id,
-                                order_by=t.api_keys.c.created_at)
+        return await self._all("created_at", realm_id=realm_id)
 
     async def touch(self, key_id: str, at: datetime) -> None:
         await self._set(t.api_keys.c.id == key_id, last_used_at=at)
@@ -417,7 +473,7 @@ class ChallengeRepo(_Repo):
         await self._insert(challenge)
 
     async def by_hash(self, token_hash: str) -> m.LoginChallenge | None:
-        return await self._one(t.login_challenges.c.token_hash == token_hash)
+        return await self._get(token_hash=token_hash)
 
     async def update(self, challenge: m.LoginChallenge) -> None:
         await self._update(challenge)
@@ -447,7 +503,7 @@ class OneTimeCodeRepo(_Repo):
         await self._insert(code)
 
     async def by_hash(self, secret_hash: str) -> m.OneTimeCode | None:
-        return await self._one(t.one_time_codes.c.secret_hash == secret_hash)
+        return await self._get(secret_hash=secret_hash)
 
     async def live_for_user(self, user_id: str, purpose: str,
                             now: datetime) -> list[m.OneTimeCode]:
@@ -523,7 +579,7 @@ class ThrottleRepo(_Repo):
     table, record = t.throttle_counters, m.ThrottleState
 
     async def get(self, key: str) -> m.ThrottleState | None:
-        return await self._one(t.throttle_counters.c.key == key)
+        return await self._get(key=key)
 
     async def save(self, state: m.ThrottleState) -> None:
         """Upsert: two nodes may record the first failure of a key at the same moment."""
