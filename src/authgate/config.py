@@ -44,7 +44,6 @@ class Settings(BaseSettings):
     issuer: str = ""
     data_dir: Path = Path("data")
     database_url: str = ""
-    redis_url: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
