@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     # Lifetime of the tokens the Tiledesk dialect issues (Tiledesk's own never expire; its
     # clients have no refresh, so these live a working day by default).
     tiledesk_token_ttl: int = Field(86_400, ge=60, le=30 * 86_400)
+    deskera_token_ttl: int = Field(3600, ge=60, le=86_400)
     deskera_realm: str = "default"
     classroom_realm: str = "default"
 

@@ -10,7 +10,7 @@ previous key is still published.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -33,15 +33,17 @@ class Keys:
         self.core = core
         self._signers: dict[str, tuple[float, jwtlib.Signer]] = {}
         self._jwks: dict[str, tuple[float, bytes]] = {}
-        self._public: dict[str, tuple[str, str, Any]] = {}  # kid -> (realm_id, alg, key)
+        # kid -> (realm_id, alg, key, publish_until)
+        self._public: dict[str, tuple[str, str, Any, datetime | None]] = {}
         self._verified: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     @property
     def max_token_lifetime(self) -> timedelta:
         """How long a token signed now can stay valid: how long a retired key stays published."""
         s = self.core.settings
-        return timedelta(seconds=max(s.access_token_ttl, s.id_token_ttl, s.refresh_token_ttl)
-                         + 60)
+        longest = max(s.access_token_ttl, s.id_token_ttl, s.refresh_token_ttl,
+                      s.tiledesk_token_ttl, s.deskera_token_ttl)
+        return timedelta(seconds=longest + 60)
 
     def _new_record(self, realm: Realm, alg: str) -> SigningKey:
         material = jwtlib.generate_key(alg)
@@ -108,17 +110,20 @@ class Keys:
     async def public_key(self, kid: str) -> tuple[str, str, Any]:
         """(realm id, alg, key) for a kid we issued; INVALID_TOKEN for anything else."""
         found = self._public.get(kid)
-        if found is not None:
-            return found
-        async with self.core.store.transaction() as tx:
-            record = await tx.signing_keys.get(kid)
-        if record is None:
-            raise AuthError(ErrorCode.INVALID_TOKEN)
-        found = (record.realm_id, record.alg, jwtlib.load_public_jwk(record.public_jwk))
-        if len(self._public) > 10_000:
-            self._public.clear()
-        self._public[kid] = found
-        return found
+        if found is None:
+            async with self.core.store.transaction() as tx:
+                record = await tx.signing_keys.get(kid)
+            if record is None:
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            found = (record.realm_id, record.alg, jwtlib.load_public_jwk(record.public_jwk),
+                     record.publish_until)
+            if len(self._public) > 10_000:
+                self._public.clear()
+            self._public[kid] = found
+        realm_id, alg, key, publish_until = found
+        if publish_until is not None and publish_until <= self.core.now():
+            raise AuthError(ErrorCode.INVALID_TOKEN)  # a key withdrawn from the JWKS
+        return realm_id, alg, key
 
     async def verify(self, realm: Realm, token: str, *, issuer: str | None,
                      audience: str | list[str] | None,
@@ -133,7 +138,7 @@ class Keys:
         cache_key = (token, realm.id, issuer, repr(audience), require)
         cached = self._verified.get(cache_key)
         if cached is not None:
-            if cached.get("exp", 0) + _LEEWAY > time.time():
+            if cached.get("exp", 0) + _LEEWAY > self.core.now().timestamp():
                 return cached
             self._verified.pop(cache_key, None)
             raise AuthError(ErrorCode.TOKEN_EXPIRED)
@@ -156,7 +161,8 @@ class Keys:
             if realm_id != realm.id or header.get("alg") != alg:
                 raise AuthError(ErrorCode.INVALID_TOKEN)
             return jwtlib.verify(token, key, alg, issuer=issuer, audience=audience,
-                                 require=require, leeway=_LEEWAY)
+                                 require=require, leeway=_LEEWAY,
+                                 now=self.core.now().timestamp())
         except jwtlib.TokenError as exc:
             code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.INVALID_TOKEN
             raise AuthError(code) from None

@@ -149,7 +149,8 @@ class OrganisationAccess:
             raise AuthError(ErrorCode.INVALID_TOKEN)
         try:
             claims = jwtlib.verify_hs256(token, secret,
-                                         audience=self.audience_prefix(realm) + org.id)
+                                         audience=self.audience_prefix(realm) + org.id,
+                                         now=self.core.now().timestamp())
         except jwtlib.TokenError as exc:
             raise AuthError(ErrorCode.TOKEN_EXPIRED if exc.expired
                             else ErrorCode.INVALID_TOKEN) from None

@@ -28,13 +28,8 @@ class SignIn:
         """The per-login key moves to a per-device key when the request comes from a device the
         user has signed in from before, so strangers' failures cannot lock the owner out."""
         throttle = self.core.throttle
-        device_id = None
-        if user is not None and client.device_key:
-            async with self.core.store.transaction() as tx:
-                device = await tx.devices.by_key(client.device_key)
-            if device and device.user_id == user.id and device.revoked_at is None:
-                device_id = device.id
-        keys = [throttle.login_key(realm.id, login_id, device_id)]
+        device = await self.core.devices.remembered(user, client.device_key) if user else None
+        keys = [throttle.login_key(realm.id, login_id, device.id if device else None)]
         address = throttle.address_key(realm.id, client.ip)
         if address is not None:
             keys.append(address)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,32 +121,49 @@ def unverified_claims(token: str) -> dict[str, Any]:
 
 def verify(token: str, key: Any, alg: str, *, issuer: str | None = None,
            audience: str | list[str] | None = None, leeway: float = 30,
-           require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:
-    """Verify a token signed with one of our asymmetric keys."""
+           require: tuple[str, ...] = ("exp", "iat", "sub"),
+           now: float | None = None) -> dict[str, Any]:
+    """Verify a token signed with one of our asymmetric keys. ``now`` (epoch seconds) is the
+    clock that ``exp``, ``nbf`` and ``iat`` are checked against (default: the system clock)."""
     if alg not in ALGORITHMS:
         raise TokenError("unsupported algorithm")
     return _decode(token, key, [alg], issuer=issuer, audience=audience, leeway=leeway,
-                   require=require)
+                   require=require, now=now)
 
 
 def verify_hs256(token: str, secret: bytes, *, audience: str | list[str] | None = None,
                  issuer: str | None = None, leeway: float = 30,
-                 require: tuple[str, ...] = ()) -> dict[str, Any]:
+                 require: tuple[str, ...] = (), now: float | None = None) -> dict[str, Any]:
     """Verify a customer-signed token made with a shared secret (HS256 only; never ``none``)."""
     return _decode(token, secret, ["HS256"], issuer=issuer, audience=audience, leeway=leeway,
-                   require=require)
+                   require=require, now=now)
+
+
+def check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """``exp``, ``nbf`` and ``iat`` against ``now``, with ``leeway`` seconds of skew."""
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and (isinstance(claims[name], bool)
+                               or not isinstance(claims[name], (int, float))):
+            raise TokenError(f"invalid {name} claim")
+    if "exp" in claims and claims["exp"] <= now - leeway:
+        raise TokenError("token expired", expired=True)
+    if "nbf" in claims and claims["nbf"] > now + leeway:
+        raise TokenError("token not yet valid")
+    if "iat" in claims and claims["iat"] > now + leeway:
+        raise TokenError("token issued in the future")
 
 
 def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
             audience: str | list[str] | None, leeway: float,
-            require: tuple[str, ...]) -> dict[str, Any]:
-    options: dict[str, Any] = {"require": list(require), "verify_aud": audience is not None}
+            require: tuple[str, ...], now: float | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"require": list(require), "verify_aud": audience is not None,
+                               "verify_exp": False, "verify_nbf": False, "verify_iat": False}
     try:
-        return jwt.decode(token, key, algorithms=algorithms, audience=audience, issuer=issuer,
-                          leeway=leeway, options=options)
-    except jwt.ExpiredSignatureError as exc:
-        raise TokenError("token expired", expired=True) from exc
+        claims = jwt.decode(token, key, algorithms=algorithms, audience=audience,
+                            issuer=issuer, options=options)
     except jwt.PyJWTError as exc:
         raise TokenError(f"invalid token: {type(exc).__name__}") from exc
     except (ValueError, TypeError) as exc:
         raise TokenError("malformed token") from exc
+    check_times(claims, time.time() if now is None else now, leeway)
+    return claims

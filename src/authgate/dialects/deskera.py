@@ -8,7 +8,7 @@ Where Deskera is silent, this dialect chooses:
 - a remembered device is presented as a ``deviceKey`` body field or an ``x-device-key`` header
   (the body wins); an optional ``deviceName`` names a new device;
 - the caller's access token is read from ``x-access-token``, else ``Authorization: Bearer``;
-- ``expiresIn`` is 3600: access tokens issued here live one hour.
+- ``expiresIn`` is ``AUTHGATE_DESKERA_TOKEN_TTL`` (3600): access tokens issued here live that long.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from authgate.core.models import ClientInfo, Realm, User
 from authgate.core.sessions import Principal, Tokens
 from authgate.core.users import NewUser
 
-ACCESS_TOKEN_TTL = 3600
 FAILED_CREDENTIALS = "Failed to authenticate user credentials."
 USER_EXISTS = "User with same username is already exist."
 VERIFICATION_PATH = "/v1/iam/auth/email/verification"
@@ -155,7 +154,7 @@ async def _signed_in(request: Request, realm: Realm, user: User, amr: list[str],
                                            client=client)
     tokens = await core.sessions.start(realm, user, amr=amr, client=client,
                                        device_id=sighting.device.id,
-                                       access_ttl=ACCESS_TOKEN_TTL)
+                                       access_ttl=core.settings.deskera_token_ttl)
     device = ((sighting.device.device_group_key, sighting.device.device_key)
               if sighting.is_new else None)
     return JSONResponse(await _token_object(core, tokens, device=device), headers=NO_STORE)
@@ -200,7 +199,7 @@ async def _refresh(request: Request) -> Response:
     assert raw is not None
     # tenantId and userName are accepted and ignored: the refresh token names its session.
     tokens = await core.sessions.refresh(realm, raw, client_info(request),
-                                         access_ttl=ACCESS_TOKEN_TTL)
+                                         access_ttl=core.settings.deskera_token_ttl)
     return JSONResponse(await _token_object(core, tokens), headers=NO_STORE)
 
 

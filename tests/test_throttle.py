@@ -1,0 +1,89 @@
+"""Throttling per login id and per address, the remembered-device exception, and keys
+withdrawn from the JWKS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from authgate.core.engine import Core
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import ClientInfo, Realm
+from authgate.core.users import NewUser
+from tests.conftest import MASTER, PASSWORD, unique_email
+
+
+@pytest.fixture
+async def strict(core: Core) -> AsyncIterator[Core]:
+    """A second core over the same store, with low limits (as another node could be set)."""
+    settings = core.settings.model_copy(update={"throttle_ip_free_attempts": 3,
+                                                "throttle_free_attempts": 2})
+    other = Core(settings, core.store, _master())
+    yield other
+    other.hasher.close()
+
+
+def _master() -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(MASTER + "=" * (-len(MASTER) % 4))
+
+
+async def _fail(core: Core, realm: Realm, login_id: str, ip: str) -> ErrorCode:
+    with pytest.raises(AuthError) as raised:
+        await core.signin.password(realm, login_id, "definitely wrong", ClientInfo(ip=ip))
+    return raised.value.code
+
+
+async def test_failures_from_one_address_throttle_every_login_id_from_it(strict: Core,
+                                                                         realm: Realm):
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+    for _ in range(3):  # three different, unknown login ids from one address
+        assert await _fail(strict, realm, unique_email(), "198.51.100.7") is \
+            ErrorCode.INVALID_CREDENTIALS
+    with pytest.raises(AuthError) as raised:
+        await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="198.51.100.7"))
+    assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS and raised.value.retry_after >= 1
+    # Another address is not affected.
+    user = await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="198.51.100.8"))
+    assert user.email == email
+
+
+async def test_a_remembered_device_is_not_locked_out_by_strangers(strict: Core, realm: Realm):
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+    user = await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="203.0.113.1"))
+    device = (await strict.devices.sighting(realm, user, None)).device
+    for n in range(2):  # strangers, from many addresses, lock the login id itself
+        await _fail(strict, realm, email, f"192.0.2.{n}")
+    with pytest.raises(AuthError) as raised:
+        await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="192.0.2.50"))
+    assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    # The owner, on the device they used before, still gets in.
+    owner = ClientInfo(ip="203.0.113.1", device_key=device.device_key)
+    assert (await strict.signin.password(realm, email, PASSWORD, owner)).id == user.id
+
+
+async def test_tokens_of_a_key_withdrawn_from_the_jwks_are_refused(core: Core, realm: Realm):
+    from datetime import timedelta
+
+    from authgate.core.models import utcnow
+
+    user = await core.users.create(realm, NewUser(email=unique_email(), password=PASSWORD))
+    old = await core.sessions.start(realm, user, amr=["pwd"])
+    await core.keys.rotate(realm)
+    later = utcnow() + core.keys.max_token_lifetime + timedelta(hours=1)
+    future = Core(core.settings, core.store, _master(), clock=lambda: later)
+    try:
+        with pytest.raises(AuthError) as raised:
+            await future.keys.verify(realm, old.access_token, issuer=None, audience=None,
+                                     require=())
+        assert raised.value.code is ErrorCode.INVALID_TOKEN  # not merely expired
+        fresh = await future.sessions.start(realm, user, amr=["pwd"])
+        claims = await future.keys.verify(realm, fresh.access_token, issuer=None,
+                                          audience=None, require=())
+        assert claims["sub"] == user.id
+    finally:
+        future.hasher.close()
