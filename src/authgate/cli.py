@@ -91,12 +91,14 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
     password = run(ensure_admin)
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold green]Authgate[/bold green] serving on [bold]{base}[/bold] "
-                  f"(issuer {settings.issuer}, database {_safe_url(settings.database_url)})")
-    console.print(f"  API docs: {base}/docs   discovery: {base}/.well-known/openid-configuration")
+                  f"(issuer {settings.issuer}, database {_safe_url(settings.database_url)})",
+                  soft_wrap=True)
+    console.print(f"  API docs: {base}/docs   discovery: {base}/.well-known/openid-configuration",
+                  soft_wrap=True)
     if password:
         console.print(f"  First admin created: username [bold]{ADMIN_USERNAME}[/bold] password "
                       f"[bold]{password}[/bold]  (shown once; change it with "
-                      f"`authgate user set-password {ADMIN_USERNAME}`)")
+                      f"`authgate user set-password {ADMIN_USERNAME}`)", soft_wrap=True)
     uvicorn.run("authgate.asgi:app", host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, access_log=False,
                 proxy_headers=False, server_header=False)

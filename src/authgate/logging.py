@@ -27,6 +27,7 @@ def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper())
     logging.basicConfig(level=level, format="%(message)s")
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     # Tracebacks are plain: never the rich formatter, which prints local variables (a
     # password or a token can be one).
     renderer: Any = (structlog.processors.JSONRenderer() if settings.log_format == "json"
