@@ -174,3 +174,17 @@ async def test_audit_events_are_listed_newest_first(core: Core, realm: Realm):
     events = await core.audit.recent(realm.id, limit=3)
     assert [e.type for e in events] == ["test.event2", "test.event1", "test.event0"]
     assert events[0].data == {"n": 2}
+
+
+async def test_a_duplicate_key_is_a_conflict_on_the_fast_path_too(core: Core, realm: Realm):
+    user = a_user(realm, email="dup-key@example.com")
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+    clone = a_user(realm, email="other-dup@example.com")
+    clone.id = user.id
+    with pytest.raises(Conflict):
+        async with core.store.transaction(write=True) as tx:
+            await tx.users.add(clone)
+    async with core.store.transaction() as tx:
+        assert (await tx.users.get(user.id)).email == "dup-key@example.com"
+        assert await tx.users.by_login_id(realm.id, "other-dup@example.com") is None

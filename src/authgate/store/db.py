@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from authgate.store.fastexec import Prebuilt, run_asyncpg, run_sqlite, unwrap
 from authgate.store.repositories import SqlTx
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -108,16 +109,60 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 
 class InlineConnection:
-    """A synchronous connection behind the async ``execute`` the repositories call."""
+    """A synchronous sqlite3 connection behind the async ``execute`` the repositories call;
+    prebuilt statements run on the driver directly (``store/fastexec.py``)."""
+
+    __slots__ = ("_conn", "_raw", "dialect")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._raw = conn.connection.driver_connection
+        self.dialect = conn.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if isinstance(statement, Prebuilt):
+            return run_sqlite(self._raw, self.dialect, statement, parameters)
+        return self._conn.execute(statement, parameters)
+
+
+class PlainConnection:
+    """Everything through SQLAlchemy (in-memory SQLite and migrations)."""
 
     __slots__ = ("_conn", "dialect")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
         self.dialect = conn.dialect
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        return self._conn.execute(statement, parameters)
+        return await self._conn.execute(unwrap(statement), parameters)
+
+
+class PgConnection:
+    """An asyncpg connection of SQLAlchemy's pool; prebuilt statements run on asyncpg
+    directly, inside the same transaction."""
+
+    __slots__ = ("_conn", "_raw", "dialect")
+
+    def __init__(self, conn: AsyncConnection, raw: Any) -> None:
+        self._conn = conn
+        self._raw = raw
+        self.dialect = conn.dialect
+
+    @classmethod
+    async def open(cls, conn: AsyncConnection, *, transaction: bool) -> PgConnection:
+        fairy = await conn.get_raw_connection()
+        adapted = fairy.dbapi_connection
+        if transaction and adapted._transaction is None:
+            # SQLAlchemy's asyncpg adapter begins lazily, on the first statement it runs
+            # itself; statements run on asyncpg directly must already be inside it.
+            await adapted._start_transaction()
+        return cls(conn, fairy.driver_connection)
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if isinstance(statement, Prebuilt):
+            return await run_asyncpg(self._raw, self.dialect, statement, parameters)
+        return await self._conn.execute(statement, parameters)
 
 
 class SqlStore:
@@ -161,7 +206,7 @@ class SqlStore:
                 async with self.engine.connect() as conn:
                     conn = await conn.execution_options(authgate_write=True)
                     async with conn.begin():
-                        yield SqlTx(conn)  # type: ignore[arg-type]
+                        yield SqlTx(await self._wrap(conn, transaction=True))
             return
         if self._read_engine is not None:
             with self._read_engine.connect() as sync_conn:
@@ -169,7 +214,13 @@ class SqlStore:
             return
         async with (self._pg_reads or self.engine).connect() as conn:
             async with conn.begin():
-                yield SqlTx(conn)
+                yield SqlTx(await self._wrap(conn, transaction=False))
+
+    async def _wrap(self, conn: AsyncConnection, *, transaction: bool) -> Any:
+        """PostgreSQL connections get the thin executor; others (in-memory SQLite) do not."""
+        if self.is_sqlite:
+            return PlainConnection(conn)
+        return await PgConnection.open(conn, transaction=transaction)
 
     @staticmethod
     async def _begin_immediate(engine: Engine) -> Connection:

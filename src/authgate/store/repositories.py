@@ -21,6 +21,7 @@ from authgate.core import models as m
 from authgate.core.models import normalise_login_id
 from authgate.core.ports import Conflict
 from authgate.store import tables as t
+from authgate.store.fastexec import Prebuilt
 
 R = TypeVar("R")
 
@@ -35,13 +36,14 @@ def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
 
 # Statements of a fixed shape are built once, with bound parameters, and reused: building a
 # statement and its cache key costs more than executing it.
-_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+_STATEMENTS: dict[tuple[Any, ...], Prebuilt] = {}
 
 
-def _statement(key: tuple[Any, ...], build: Any) -> Any:
+def _statement(key: tuple[Any, ...], build: Any, *, keyed: bool = False) -> Prebuilt:
+    """The statement of this shape, built once; the thin executor runs it (store/fastexec)."""
     statement = _STATEMENTS.get(key)
     if statement is None:
-        statement = _STATEMENTS[key] = build()
+        statement = _STATEMENTS[key] = Prebuilt(build(), keyed=keyed)
     return statement
 
 
@@ -75,7 +77,8 @@ class _Repo:
         self.conn = conn
 
     async def _insert(self, obj: Any, *, skip: Sequence[str] = ()) -> None:
-        statement = _statement(("insert", self.table.name), lambda: insert(self.table))
+        statement = _statement(("insert", self.table.name), lambda: insert(self.table),
+                               keyed=True)
         try:
             await self.conn.execute(statement, _values(obj, skip=skip))
         except IntegrityError as exc:

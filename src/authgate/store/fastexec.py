@@ -1,0 +1,160 @@
+"""A thin executor for the repositories' prebuilt statements.
+
+SQLAlchemy builds and compiles every statement here; what this module skips is its per-call
+execution machinery, which costs more than the query (about 100 µs a statement on inline sqlite3,
+400–600 µs through the asyncpg adapter, against 10–100 µs on the raw drivers). A prebuilt
+statement is compiled once per dialect and set of parameter names, into SQL text, the order of
+its parameters, and the type processors of its binds and result columns; then it runs straight
+on the driver connection of the current transaction. Types behave exactly as under SQLAlchemy
+because the same processors run. Integrity errors are re-raised as SQLAlchemy's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
+
+
+class Prebuilt:
+    """A statement built once with bound parameters, marked for the thin executor. A ``keyed``
+    statement (a bare ``insert(table)``) takes its columns from the names of the parameters."""
+
+    __slots__ = ("statement", "keyed", "_compiled")
+
+    def __init__(self, statement: Any, *, keyed: bool = False) -> None:
+        self.statement = statement
+        self.keyed = keyed
+        self._compiled: dict[tuple[str, tuple[str, ...]], Compiled] = {}
+
+    def compiled(self, dialect: Dialect, names: tuple[str, ...]) -> Compiled:
+        key = (dialect.name, names)
+        found = self._compiled.get(key)
+        if found is None:
+            found = self._compiled[key] = Compiled.of(self.statement, dialect, names)
+        return found
+
+
+@dataclass(slots=True)
+class Compiled:
+    sql: str
+    binds: list[tuple[str, Callable[[Any], Any] | None]]
+    columns: list[tuple[str, Callable[[Any], Any] | None]]
+    returns_rows: bool
+
+    @classmethod
+    def of(cls, statement: Any, dialect: Dialect, names: tuple[str, ...]) -> Compiled:
+        is_dml = statement.is_dml
+        compiled = statement.compile(dialect=dialect, column_keys=list(names) if names else None)
+        binds = []
+        for name in compiled.positiontup or ():
+            impl = compiled.binds[name].type.dialect_impl(dialect)
+            binds.append((name, impl.bind_processor(dialect)))
+        columns = []
+        selected = statement.selected_columns if not is_dml else ()
+        for column in selected:
+            impl = column.type.dialect_impl(dialect)
+            columns.append((column.name, impl.result_processor(dialect, None)))
+        returns_rows = not is_dml or bool(compiled.effective_returning)
+        return cls(compiled.string, binds, columns, returns_rows)
+
+    def arguments(self, params: dict[str, Any]) -> list[Any]:
+        values = []
+        for name, process in self.binds:
+            value = params.get(name)
+            values.append(process(value) if process is not None else value)
+        return values
+
+    def row(self, raw: Sequence[Any]) -> Row:
+        values = [process(v) if process is not None else v
+                  for (_, process), v in zip(self.columns, raw)]
+        return Row(values, self.columns)
+
+
+class Row:
+    """A result row: by position, by slice, or by column name through ``_mapping``."""
+
+    __slots__ = ("_values", "_columns")
+
+    def __init__(self, values: list[Any], columns: list[tuple[str, Any]]) -> None:
+        self._values = values
+        self._columns = columns
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._values[index]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return {name: value for (name, _), value in zip(self._columns, self._values)}
+
+
+class Result:
+    """The part of SQLAlchemy's result API the repositories use."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def first(self) -> Row | None:
+        return self._rows[0] if self._rows else None
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self._rows)
+
+    def scalar_one(self) -> Any:
+        if len(self._rows) != 1:
+            raise ValueError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0][0]
+
+
+def _names(statement: Prebuilt, params: dict[str, Any] | None) -> tuple[str, ...]:
+    return tuple(params) if params and statement.keyed else ()
+
+
+def run_sqlite(connection: sqlite3.Connection, dialect: Dialect, statement: Prebuilt,
+               params: dict[str, Any] | None) -> Result:
+    params = params or {}
+    compiled = statement.compiled(dialect, _names(statement, params))
+    cursor = connection.cursor()
+    try:
+        cursor.execute(compiled.sql, compiled.arguments(params))
+        rows = [compiled.row(raw) for raw in cursor.fetchall()] if compiled.returns_rows else []
+        return Result(rows, cursor.rowcount)
+    except sqlite3.IntegrityError as exc:
+        raise IntegrityError(compiled.sql, None, exc) from None
+    finally:
+        cursor.close()
+
+
+def unwrap(statement: Any) -> Any:
+    """The SQLAlchemy statement, for connections that run everything through SQLAlchemy."""
+    return statement.statement if isinstance(statement, Prebuilt) else statement
+
+
+async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statement: Prebuilt,
+                      params: dict[str, Any] | None) -> Result:
+    params = params or {}
+    compiled = statement.compiled(dialect, _names(statement, params))
+    arguments = compiled.arguments(params)
+    try:
+        if compiled.returns_rows:
+            records = await connection.fetch(compiled.sql, *arguments)
+            return Result([compiled.row(record) for record in records], len(records))
+        status = await connection.execute(compiled.sql, *arguments)
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(compiled.sql, None, exc) from None
+    count = status.rsplit(" ", 1)[-1]
+    return Result([], int(count) if count.isdigit() else 0)
