@@ -14,8 +14,9 @@ event loop:
   connections, so a write attempted in a read transaction fails at once.
 - aiosqlite serves only migrations and in-memory databases.
 
-PostgreSQL reads run on an autocommit engine (one round trip per statement, no BEGIN/COMMIT);
-writes run in a READ COMMITTED transaction.
+PostgreSQL runs on an asyncpg pool of its own, with SQLAlchemy as the compiler only
+(``store/fastexec.py``): reads in autocommit (one round trip per statement, no BEGIN/COMMIT),
+writes in a READ COMMITTED transaction. The SQLAlchemy engine serves migrations.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from authgate.store.fastexec import Prebuilt, run_asyncpg, run_sqlite, unwrap
+import asyncpg
+
+from authgate.store.fastexec import (
+    Prebuilt,
+    init_asyncpg_connection,
+    run_asyncpg,
+    run_sqlite,
+    unwrap,
+)
 from authgate.store.repositories import SqlTx
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -139,37 +148,25 @@ class PlainConnection:
 
 
 class PgConnection:
-    """An asyncpg connection of SQLAlchemy's pool; prebuilt statements run on asyncpg
-    directly, inside the same transaction."""
+    """One connection of the asyncpg pool: every statement, prebuilt or not, is compiled by
+    SQLAlchemy and run on asyncpg (``store/fastexec.py``)."""
 
-    __slots__ = ("_conn", "_raw", "dialect")
+    __slots__ = ("_raw", "dialect")
 
-    def __init__(self, conn: AsyncConnection, raw: Any) -> None:
-        self._conn = conn
+    def __init__(self, raw: asyncpg.Connection, dialect: Any) -> None:
         self._raw = raw
-        self.dialect = conn.dialect
-
-    @classmethod
-    async def open(cls, conn: AsyncConnection, *, transaction: bool) -> PgConnection:
-        fairy = await conn.get_raw_connection()
-        adapted = fairy.dbapi_connection
-        if transaction and adapted._transaction is None:
-            # SQLAlchemy's asyncpg adapter begins lazily, on the first statement it runs
-            # itself; statements run on asyncpg directly must already be inside it.
-            await adapted._start_transaction()
-        return cls(conn, fairy.driver_connection)
+        self.dialect = dialect
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        if isinstance(statement, Prebuilt):
-            return await run_asyncpg(self._raw, self.dialect, statement, parameters)
-        return await self._conn.execute(statement, parameters)
+        return await run_asyncpg(self._raw, self.dialect, statement, parameters)
 
 
 class SqlStore:
     """The core's ``Store``: hands out transactions whose repositories share one connection."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int = 10) -> None:
         self.engine = engine
+        self._pool_size = pool_size
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._read_engine: Engine | None = None
         self._write_engine: Engine | None = None
@@ -178,13 +175,12 @@ class SqlStore:
             self._read_engine = _sqlite_inline_engine(url, read_only=True)
             self._write_engine = _sqlite_inline_engine(url, read_only=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        self._pg_reads: AsyncEngine | None = None
-        if not self.is_sqlite:
-            self._pg_reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._pg_pool: asyncpg.Pool | None = None
+        self._pg_pool_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> SqlStore:
-        return cls(create_engine(url, **kwargs))
+    def from_url(cls, url: str, *, pool_size: int = 10) -> SqlStore:
+        return cls(create_engine(url, pool_size=2), pool_size=pool_size)
 
     @asynccontextmanager
     async def transaction(self, *, write: bool = False) -> AsyncIterator[SqlTx]:
@@ -201,26 +197,40 @@ class SqlStore:
                 finally:
                     conn.close()
             return
+        if not self.is_sqlite:
+            pool = await self._pool()
+            async with pool.acquire() as raw:
+                if write:
+                    async with raw.transaction():
+                        yield SqlTx(PgConnection(raw, self.engine.dialect))  # type: ignore
+                else:  # autocommit: one round trip per statement
+                    yield SqlTx(PgConnection(raw, self.engine.dialect))  # type: ignore
+            return
         if write:
             async with self._writing():
                 async with self.engine.connect() as conn:
                     conn = await conn.execution_options(authgate_write=True)
                     async with conn.begin():
-                        yield SqlTx(await self._wrap(conn, transaction=True))
+                        yield SqlTx(PlainConnection(conn))  # type: ignore[arg-type]
             return
         if self._read_engine is not None:
             with self._read_engine.connect() as sync_conn:
                 yield SqlTx(InlineConnection(sync_conn))  # type: ignore[arg-type]
             return
-        async with (self._pg_reads or self.engine).connect() as conn:
+        async with self.engine.connect() as conn:  # in-memory SQLite
             async with conn.begin():
-                yield SqlTx(await self._wrap(conn, transaction=False))
+                yield SqlTx(PlainConnection(conn))  # type: ignore[arg-type]
 
-    async def _wrap(self, conn: AsyncConnection, *, transaction: bool) -> Any:
-        """PostgreSQL connections get the thin executor; others (in-memory SQLite) do not."""
-        if self.is_sqlite:
-            return PlainConnection(conn)
-        return await PgConnection.open(conn, transaction=transaction)
+    async def _pool(self) -> asyncpg.Pool:
+        """The asyncpg pool (made on first use, on the running event loop)."""
+        if self._pg_pool is None:
+            async with self._pg_pool_lock:
+                if self._pg_pool is None:
+                    url = self.engine.url.set(drivername="postgresql")
+                    self._pg_pool = await asyncpg.create_pool(
+                        url.render_as_string(hide_password=False), min_size=1,
+                        max_size=self._pool_size, init=init_asyncpg_connection)
+        return self._pg_pool
 
     @staticmethod
     async def _begin_immediate(engine: Engine) -> Connection:
@@ -254,10 +264,16 @@ class SqlStore:
             yield conn
 
     async def ping(self) -> None:
+        if not self.is_sqlite:
+            async with (await self._pool()).acquire() as raw:
+                await raw.fetchval("SELECT 1")
+            return
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._pg_pool is not None:
+            await self._pg_pool.close()
         for inline in (self._read_engine, self._write_engine):
             if inline is not None:
                 inline.dispose()

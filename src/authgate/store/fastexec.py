@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -139,16 +140,43 @@ def run_sqlite(connection: sqlite3.Connection, dialect: Dialect, statement: Preb
         cursor.close()
 
 
+def compile_dynamic(statement: Any, dialect: Dialect,
+                    params: dict[str, Any] | None) -> tuple[Compiled, list[Any]]:
+    """A statement built per call (rare paths): compiled now, with its literal values."""
+    # Expanding parameters (IN lists) are rendered as one parameter per value.
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+    values = compiled.construct_params(params or None)
+    binds = []
+    for name in compiled.positiontup or ():
+        # An expanded IN parameter ("id_1_2") has the type of its base ("id_1").
+        bind = compiled.binds.get(name)
+        if bind is None:
+            bind = compiled.binds[name.rsplit("_", 1)[0]]
+        impl = bind.type.dialect_impl(dialect)
+        binds.append((name, impl.bind_processor(dialect)))
+    columns = []
+    for column in (statement.selected_columns if not statement.is_dml else ()):
+        impl = column.type.dialect_impl(dialect)
+        columns.append((column.name, impl.result_processor(dialect, None)))
+    returns_rows = not statement.is_dml or bool(compiled.effective_returning)
+    shape = Compiled(compiled.string, binds, columns, returns_rows)
+    return shape, shape.arguments(values)
+
+
 def unwrap(statement: Any) -> Any:
     """The SQLAlchemy statement, for connections that run everything through SQLAlchemy."""
     return statement.statement if isinstance(statement, Prebuilt) else statement
 
 
-async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statement: Prebuilt,
+async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statement: Any,
                       params: dict[str, Any] | None) -> Result:
-    params = params or {}
-    compiled = statement.compiled(dialect, _names(statement, params))
-    arguments = compiled.arguments(params)
+    """Run a prebuilt or a per-call statement on an asyncpg connection."""
+    if isinstance(statement, Prebuilt):
+        params = params or {}
+        compiled = statement.compiled(dialect, _names(statement, params))
+        arguments = compiled.arguments(params)
+    else:
+        compiled, arguments = compile_dynamic(statement, dialect, params)
     try:
         if compiled.returns_rows:
             records = await connection.fetch(compiled.sql, *arguments)
@@ -158,3 +186,15 @@ async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statemen
         raise IntegrityError(compiled.sql, None, exc) from None
     count = status.rsplit(" ", 1)[-1]
     return Result([], int(count) if count.isdigit() else 0)
+
+
+async def init_asyncpg_connection(connection: asyncpg.Connection) -> None:
+    """JSON travels as text: SQLAlchemy's bind processors serialise it, results are decoded
+    here (the column types then have no result processor on this dialect)."""
+    for name in ("json", "jsonb"):
+        await connection.set_type_codec(name, schema="pg_catalog", format="text",
+                                        encoder=_json_text, decoder=orjson.loads)
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
