@@ -233,3 +233,16 @@ async def test_tokens_of_one_realm_are_refused_in_another(client, core, realm):
     response = await client.get(realm_url(other, "/userinfo"), headers=bearer(tokens))
     assert response.status_code == 401
     assert (await refresh(client, other, tokens["refresh_token"])).status_code == 400
+
+
+async def test_health_readiness_and_metrics_answer(client, core):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ok", "database": "ok"}
+    metrics = await client.get("/metrics")
+    assert metrics.status_code == 200
+    assert "authgate_events_total" in metrics.text
+    async with core.store.transaction() as tx:
+        from sqlalchemy import text
+
+        row = (await tx.conn.execute(text("SELECT 41 + 1"))).first()
+    assert row[0] == 42

@@ -72,6 +72,8 @@ class Compiled:
         return values
 
     def row(self, raw: Sequence[Any]) -> Row:
+        if not self.columns:  # textual SQL: no declared columns, values as the driver gives
+            return Row(list(raw), [(str(i), None) for i in range(len(raw))])
         values = [process(v) if process is not None else v
                   for (_, process), v in zip(self.columns, raw)]
         return Row(values, self.columns)
@@ -125,13 +127,22 @@ def _names(statement: Prebuilt, params: dict[str, Any] | None) -> tuple[str, ...
     return tuple(params) if params and statement.keyed else ()
 
 
-def run_sqlite(connection: sqlite3.Connection, dialect: Dialect, statement: Prebuilt,
+def _prepared(statement: Any, dialect: Dialect,
+              params: dict[str, Any] | None) -> tuple[Compiled, list[Any]]:
+    if isinstance(statement, Prebuilt):
+        params = params or {}
+        compiled = statement.compiled(dialect, _names(statement, params))
+        return compiled, compiled.arguments(params)
+    return compile_dynamic(statement, dialect, params)
+
+
+def run_sqlite(connection: sqlite3.Connection, dialect: Dialect, statement: Any,
                params: dict[str, Any] | None) -> Result:
-    params = params or {}
-    compiled = statement.compiled(dialect, _names(statement, params))
+    """Run a prebuilt or a per-call statement on a sqlite3 connection."""
+    compiled, arguments = _prepared(statement, dialect, params)
     cursor = connection.cursor()
     try:
-        cursor.execute(compiled.sql, compiled.arguments(params))
+        cursor.execute(compiled.sql, arguments)
         rows = [compiled.row(raw) for raw in cursor.fetchall()] if compiled.returns_rows else []
         return Result(rows, cursor.rowcount)
     except sqlite3.IntegrityError as exc:
@@ -155,7 +166,7 @@ def compile_dynamic(statement: Any, dialect: Dialect,
         impl = bind.type.dialect_impl(dialect)
         binds.append((name, impl.bind_processor(dialect)))
     columns = []
-    for column in (statement.selected_columns if not statement.is_dml else ()):
+    for column in (getattr(statement, "selected_columns", ()) if not statement.is_dml else ()):
         impl = column.type.dialect_impl(dialect)
         columns.append((column.name, impl.result_processor(dialect, None)))
     returns_rows = not statement.is_dml or bool(compiled.effective_returning)
@@ -171,12 +182,7 @@ def unwrap(statement: Any) -> Any:
 async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statement: Any,
                       params: dict[str, Any] | None) -> Result:
     """Run a prebuilt or a per-call statement on an asyncpg connection."""
-    if isinstance(statement, Prebuilt):
-        params = params or {}
-        compiled = statement.compiled(dialect, _names(statement, params))
-        arguments = compiled.arguments(params)
-    else:
-        compiled, arguments = compile_dynamic(statement, dialect, params)
+    compiled, arguments = _prepared(statement, dialect, params)
     try:
         if compiled.returns_rows:
             records = await connection.fetch(compiled.sql, *arguments)
