@@ -34,7 +34,13 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from authgate.store.fastexec import init_asyncpg_connection, run_asyncpg, run_sqlite, unwrap
+from authgate.store.fastexec import (
+    init_asyncpg_connection,
+    keep_session,
+    run_asyncpg,
+    run_sqlite,
+    unwrap,
+)
 from authgate.store.repositories import SqlTx
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -252,7 +258,8 @@ class SqlStore:
                     url = self.engine.url.set(drivername="postgresql")
                     self._pg_pool = await asyncpg.create_pool(
                         url.render_as_string(hide_password=False), min_size=1,
-                        max_size=self._pool_size, init=init_asyncpg_connection)
+                        max_size=self._pool_size, init=init_asyncpg_connection,
+                        reset=keep_session)
         return self._pg_pool
 
     # Both.

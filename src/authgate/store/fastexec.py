@@ -202,5 +202,11 @@ async def init_asyncpg_connection(connection: asyncpg.Connection) -> None:
                                         encoder=_json_text, decoder=orjson.loads)
 
 
+async def keep_session(connection: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (a round trip per transaction): Authgate
+    never changes session state (no SET, LISTEN or advisory locks), and asyncpg still rolls
+    back any transaction left open before this runs."""
+
+
 def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
