@@ -1,0 +1,46 @@
+"""Tokens we sign verify with independent libraries, for every algorithm we offer."""
+
+from __future__ import annotations
+
+import jwt
+import pytest
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
+
+from authgate.crypto import jwt as jwtlib
+
+CLAIMS = {"sub": "u-1", "iat": 1_900_000_000, "exp": 1_900_000_900, "amr": ["pwd"],
+          "tenants": {"t1": {"roles": ["admin"]}}, "name": "Zoë \u2603"}
+
+
+@pytest.mark.parametrize("alg", jwtlib.ALGORITHMS)
+def test_signed_tokens_verify_with_pyjwt_and_joserfc(alg: str):
+    material = jwtlib.generate_key(alg)
+    token = jwtlib.Signer(material.kid, alg, material.private_pem).sign(CLAIMS, typ="at+jwt")
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": alg, "kid": material.kid, "typ": "at+jwt"}
+    public = jwt.PyJWK.from_dict(material.public_jwk).key
+    assert jwt.decode(token, public, algorithms=[alg],
+                      options={"verify_exp": False, "verify_iat": False}) == CLAIMS
+    decoded = jose_jwt.decode(token, KeySet.import_key_set({"keys": [material.public_jwk]}),
+                              algorithms=[alg])
+    assert decoded.claims == CLAIMS
+    assert jwtlib.verify(token, public, alg, now=1_900_000_100) == CLAIMS
+
+
+@pytest.mark.parametrize("alg", jwtlib.ALGORITHMS)
+def test_a_tampered_token_or_another_key_is_refused(alg: str):
+    material, other = jwtlib.generate_key(alg), jwtlib.generate_key(alg)
+    token = jwtlib.Signer(material.kid, alg, material.private_pem).sign(CLAIMS)
+    head, body, signature = token.split(".")
+    forged = jwt.utils.base64url_encode(b'{"sub":"admin","exp":1900000900,"iat":1}').decode()
+    public = jwt.PyJWK.from_dict(material.public_jwk).key
+    for bad in (f"{head}.{forged}.{signature}", f"{head}.{body}.{signature[:-4]}AAAA"):
+        with pytest.raises(jwtlib.TokenError):
+            jwtlib.verify(bad, public, alg, now=1_900_000_100)
+    with pytest.raises(jwtlib.TokenError):
+        jwtlib.verify(token, jwt.PyJWK.from_dict(other.public_jwk).key, alg,
+                      now=1_900_000_100)
+    with pytest.raises(jwtlib.TokenError) as expired:
+        jwtlib.verify(token, public, alg, now=1_900_001_000)
+    assert expired.value.expired
