@@ -71,6 +71,14 @@ def run(work: Callable[[Any], Awaitable[T]], **overrides: Any) -> T:
         raise typer.Exit(2) from None
 
 
+def run_in(realm: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
+    """Run ``work(core, realm)`` for the named realm."""
+    async def in_realm(core: Any) -> T:
+        return await work(core, await core.realms.require(realm))
+
+    return run(in_realm)
+
+
 @app.command()
 def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."),
           port: int = typer.Option(None, help="Port (AUTHGATE_PORT)."),
@@ -154,21 +162,16 @@ def user_create(
     new = NewUser(email=login_id if is_email else None, username=None if is_email else login_id,
                   password=password, name=name, roles=list(role))
 
-    async def work(core: Any) -> Any:
-        return await core.users.create(await core.realms.require(realm), new,
-                                       event="admin.user_created")
-
-    user = run(work)
+    user = run_in(realm, lambda core, target: core.users.create(
+        target, new, event="admin.user_created"))
     console.print(f"user {user.id} created in realm {realm}")
 
 
 @user_app.command("list")
 def user_list(realm: str = RealmOption, limit: int = typer.Option(100, min=1, max=10_000)) -> None:
-    async def work(core: Any) -> Any:
-        return await core.users.list(await core.realms.require(realm), limit=limit)
-
+    found = run_in(realm, lambda core, target: core.users.list(target, limit=limit))
     table = Table("id", "email", "username", "status", "roles", "created")
-    for user in run(work):
+    for user in found:
         table.add_row(user.id, user.email or "", user.username or "", user.status,
                       ",".join(user.roles), user.created_at.isoformat(timespec="seconds"))
     console.print(table)
@@ -239,10 +242,7 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
             except ValueError as exc:
                 bad.append((number, f"not a JSON object: {exc}"))
 
-    async def work(core: Any) -> Any:
-        return await core.users.import_records(await core.realms.require(realm), records)
-
-    report = run(work)
+    report = run_in(realm, lambda core, target: core.users.import_records(target, records))
     failures = bad + [(lines[index - 1], reason) for index, reason in report.failed]
     for number, reason in sorted(failures):
         err.print(f"line {number}: {reason}")
@@ -255,20 +255,15 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
 def keys_rotate(realm: str = RealmOption,
                 alg: str = typer.Option(None, help="EdDSA, ES256 or RS256.")) -> None:
     """Make a new active signing key; the old one stays published until its tokens expire."""
-    async def work(core: Any) -> Any:
-        return await core.keys.rotate(await core.realms.require(realm), alg)
-
-    key = run(work)
+    key = run_in(realm, lambda core, target: core.keys.rotate(target, alg))
     console.print(f"new active key {key.kid} ({key.alg})")
 
 
 @keys_app.command("list")
 def keys_list(realm: str = RealmOption) -> None:
-    async def work(core: Any) -> Any:
-        return await core.keys.list(await core.realms.require(realm))
-
+    found = run_in(realm, lambda core, target: core.keys.list(target))
     table = Table("kid", "alg", "status", "created", "published until")
-    for key in run(work):
+    for key in found:
         table.add_row(key.kid, key.alg, key.status, key.created_at.isoformat(timespec="seconds"),
                       key.publish_until.isoformat(timespec="seconds") if key.publish_until
                       else "")
@@ -279,10 +274,7 @@ def keys_list(realm: str = RealmOption) -> None:
 def events(realm: str = RealmOption, limit: int = typer.Option(50, min=1, max=10_000),
            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Recent audit events, newest first."""
-    async def work(core: Any) -> Any:
-        return await core.audit.recent((await core.realms.require(realm)).id, limit=limit)
-
-    found = run(work)
+    found = run_in(realm, lambda core, target: core.audit.recent(target.id, limit=limit))
     if as_json:
         for event in found:
             print(json.dumps({"id": event.id, "at": event.at.isoformat(), "type": event.type,
@@ -299,21 +291,16 @@ def events(realm: str = RealmOption, limit: int = typer.Option(50, min=1, max=10
 @org_app.command("create")
 def org_create(name: str, realm: str = RealmOption,
                display_name: str = typer.Option(None)) -> None:
-    async def work(core: Any) -> Any:
-        return await core.organisations.create(await core.realms.require(realm), name,
-                                               display_name=display_name)
-
-    org = run(work)
+    org = run_in(realm, lambda core, target: core.organisations.create(
+        target, name, display_name=display_name))
     console.print(f"organisation {org.name} created: id {org.id}")
 
 
 @org_app.command("list")
 def org_list(realm: str = RealmOption) -> None:
-    async def work(core: Any) -> Any:
-        return await core.organisations.list(await core.realms.require(realm))
-
+    found = run_in(realm, lambda core, target: core.organisations.list(target))
     table = Table("id", "name", "display name", "active", "suspended", "has secret")
-    for org in run(work):
+    for org in found:
         table.add_row(org.id, org.name, org.display_name, str(org.is_active),
                       str(org.is_suspended), str(org.secret_enc is not None))
     console.print(table)
@@ -359,10 +346,7 @@ def device_list(login_id: str = typer.Argument(..., help="The user's e-mail or u
 @device_app.command("revoke")
 def device_revoke(device_id: str, realm: str = RealmOption) -> None:
     """Forget a device: its re-authentication token and its sessions end."""
-    async def work(core: Any) -> Any:
-        return await core.devices.revoke(await core.realms.require(realm), device_id)
-
-    device = run(work)
+    device = run_in(realm, lambda core, target: core.devices.revoke(target, device_id))
     console.print(f"device {device.id} revoked")
 
 
@@ -387,11 +371,9 @@ def apikey_create(name: str = typer.Argument(..., help="What the key is for."),
 
 @apikey_app.command("list")
 def apikey_list(realm: str = RealmOption) -> None:
-    async def work(core: Any) -> Any:
-        return await core.api_keys.list(await core.realms.require(realm))
-
+    found = run_in(realm, lambda core, target: core.api_keys.list(target))
     table = Table("id", "prefix", "name", "organisation", "created", "last used", "revoked")
-    for key in run(work):
+    for key in found:
         table.add_row(key.id, key.prefix, key.name, key.organisation_id or "",
                       key.created_at.isoformat(timespec="seconds"),
                       key.last_used_at.isoformat(timespec="seconds") if key.last_used_at
@@ -403,10 +385,8 @@ def apikey_list(realm: str = RealmOption) -> None:
 @apikey_app.command("revoke")
 def apikey_revoke(key: str = typer.Argument(..., help="The key's id or prefix."),
                   realm: str = RealmOption) -> None:
-    async def work(core: Any) -> Any:
-        return await core.api_keys.revoke(await core.realms.require(realm), key, actor="cli")
-
-    revoked = run(work)
+    revoked = run_in(realm, lambda core, target: core.api_keys.revoke(
+        target, key, actor="cli"))
     console.print(f"API key {revoked.id} revoked")
 
 
