@@ -7,6 +7,7 @@ its own; tests that change realm settings serve a realm of their own through an 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -572,3 +573,13 @@ async def test_the_dialect_can_be_served_at_the_root(core, settings):
         unknown = await c.get("/tiledesk/auth/no-such-route")
         assert unknown.status_code == 404
         assert unknown.json()["success"] is False
+
+
+async def test_concurrent_first_sign_ins_with_one_customer_token_make_one_user(core):
+    org, secret = await project(core)
+    realm = await core.realms.require("default")
+    token = customer_token(org, secret, _id=f"race-{uuid.uuid4().hex[:8]}")
+    results = await asyncio.gather(*(core.org_access.customer_token(realm, token)
+                                     for _ in range(4)))
+    assert len({r.user.id for r in results}) == 1
+    assert len(await core.organisations.members(org)) == 1

@@ -178,12 +178,21 @@ class OrganisationAccess:
             user = await tx.users.by_external_id(realm.id, external_id)
         if user is None:
             found: dict[str, Membership] = {}
-            user = await self.core.users.create(
-                realm, NewUser(external_id=external_id, given_name=given, family_name=family,
-                               custom_attributes=attributes),
-                client=client, event="user.external_created",
-                hooks=[self._member_hook(realm, org, role, found)])
-            return OrganisationSignIn(user, org, found["membership"], claims)
+            try:
+                user = await self.core.users.create(
+                    realm, NewUser(external_id=external_id, given_name=given,
+                                   family_name=family, custom_attributes=attributes),
+                    client=client, event="user.external_created",
+                    hooks=[self._member_hook(realm, org, role, found)])
+                return OrganisationSignIn(user, org, found["membership"], claims)
+            except AuthError as exc:
+                if exc.code is not ErrorCode.USER_ALREADY_EXISTS:
+                    raise
+            # A concurrent first sign-in with the same token created the user: use it.
+            async with self.core.store.transaction() as tx:
+                user = await tx.users.by_external_id(realm.id, external_id)
+            if user is None:
+                raise AuthError(ErrorCode.INVALID_TOKEN)
 
         if user.status != "active":
             raise AuthError(ErrorCode.USER_DISABLED)

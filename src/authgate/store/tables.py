@@ -100,7 +100,9 @@ users = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("last_sign_in_at", UTCDateTime()),
     Index("ix_users_realm_created", "realm_id", "created_at"),
-    Index("ix_users_realm_external", "realm_id", "external_id"),
+    # One user per external id in a realm (a customer's own user id): two first sign-ins with
+    # one customer token must not make two users.
+    Index("uq_users_realm_external", "realm_id", "external_id", unique=True),
 )
 
 # Every login id (e-mail, username, phone), normalised, unique within a realm.
