@@ -101,7 +101,8 @@ async def settings(database_url: str, data_dir: Path,
     # realm, so the per-address limit is raised here; tests/test_throttle.py tests it low.
     return test_settings(database_url, data_dir, mail_backend="smtp",
                          smtp_port=smtp_server[1], mail_poll_seconds=0.1,
-                         throttle_ip_free_attempts=100_000)
+                         throttle_ip_free_attempts=100_000,
+                         throttle_guest_free_attempts=100_000)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from tests.conftest import MASTER, PASSWORD, unique_email
 async def strict(core: Core) -> AsyncIterator[Core]:
     """A second core over the same store, with low limits (as another node could be set)."""
     settings = core.settings.model_copy(update={"throttle_ip_free_attempts": 3,
-                                                "throttle_free_attempts": 2})
+                                                "throttle_free_attempts": 2,
+                                                "throttle_guest_free_attempts": 3})
     other = Core(settings, core.store, _master())
     yield other
     other.hasher.close()
@@ -87,3 +88,15 @@ async def test_tokens_of_a_key_withdrawn_from_the_jwks_are_refused(core: Core, r
         assert claims["sub"] == user.id
     finally:
         future.hasher.close()
+
+
+async def test_one_address_cannot_create_guests_without_limit(strict: Core, realm: Realm):
+    org = await strict.organisations.create(realm, "guests-welcome")
+    here, there = ClientInfo(ip="198.51.100.20"), ClientInfo(ip="198.51.100.21")
+    for _ in range(3):
+        assert (await strict.org_access.guest(realm, org.id, client=here)).user.is_anonymous
+    with pytest.raises(AuthError) as raised:
+        await strict.org_access.guest(realm, org.id, client=here)
+    assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    assert (await strict.org_access.guest(realm, org.id, client=there)).user.is_anonymous
+    assert len(await strict.organisations.members(org)) == 4

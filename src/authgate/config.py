@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # Throttling: per (realm, login id) and per client address.
     throttle_free_attempts: int = Field(5, ge=1, le=1000)
     throttle_ip_free_attempts: int = Field(50, ge=1, le=100_000)
+    # Anonymous guests a client address may create per window before back-off.
+    throttle_guest_free_attempts: int = Field(30, ge=1, le=100_000)
     throttle_base_delay: float = Field(1.0, gt=0, le=3600)
     throttle_max_delay: float = Field(900.0, gt=0, le=86_400)
     throttle_window: int = Field(3600, ge=1, le=86_400 * 7)

@@ -103,13 +103,21 @@ class OrganisationAccess:
     async def guest(self, realm: Realm, org_id: str, *, given_name: Any = None,
                     family_name: Any = None, contact_email: Any = None, attributes: Any = None,
                     client: ClientInfo | None = None) -> OrganisationSignIn:
-        """A new anonymous user, member of the organisation with the guest role."""
+        """A new anonymous user, member of the organisation with the guest role. Each client
+        address may create ``throttle_guest_free_attempts`` guests per window, then backs off:
+        knowing a project id must not let anyone fill the user table."""
         if not org_id or len(org_id) > 64:
             raise AuthError(ErrorCode.ORGANISATION_NOT_FOUND)
         org = await self.core.organisations.get(realm, org_id)
         self._check_open(org)
         if not org.settings.get(ALLOW_GUESTS, True):
             raise AuthError(ErrorCode.FORBIDDEN, "Guests may not sign in to this organisation.")
+        throttle = self.core.throttle
+        key = throttle.scoped_key("guest", f"{realm.id}:{(client and client.ip) or '-'}",
+                                  self.core.settings.throttle_guest_free_attempts)
+        await throttle.check([key])
+        async with self.core.store.transaction(write=True) as tx:
+            await throttle.record_failure(tx, [key])  # every guest counts
         email = _contact_email(contact_email)
         new = NewUser(is_anonymous=True,
                       given_name=_name(given_name, "firstname") or
