@@ -188,3 +188,42 @@ async def test_a_duplicate_key_is_a_conflict_on_the_fast_path_too(core: Core, re
     async with core.store.transaction() as tx:
         assert (await tx.users.get(user.id)).email == "dup-key@example.com"
         assert await tx.users.by_login_id(realm.id, "other-dup@example.com") is None
+
+
+async def test_housekeeping_deletes_only_what_has_outlived_its_use(core: Core, realm: Realm):
+    import base64
+
+    from authgate.core.models import LoginChallenge
+    from tests.conftest import MASTER
+
+    user = a_user(realm, email="purge@example.com")
+    now = utcnow()
+    ended, live = a_session(realm, user), a_session(realm, user)
+    ended.revoked_at = now
+    old_token = RefreshToken(id=new_id(), session_id=live.id, token_hash=digest(new_token()),
+                             created_at=now, expires_at=now + timedelta(days=400),
+                             rotated_at=now)  # rotated long ago but its session lives
+    live.expires_at = now + timedelta(days=400)
+    challenge = LoginChallenge(id=new_id(), realm_id=realm.id, user_id=user.id,
+                               kind="choose_account", token_hash=digest(new_token()),
+                               created_at=now, expires_at=now + timedelta(minutes=5))
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+        for session in (ended, live):
+            await tx.sessions.add(session)
+        await tx.refresh_tokens.add(old_token)
+        await tx.challenges.add(challenge)
+    later = now + timedelta(days=core.settings.retention_days + 1)
+    master = base64.urlsafe_b64decode(MASTER + "=" * (-len(MASTER) % 4))
+    future = Core(core.settings, core.store, master, clock=lambda: later)
+    try:
+        counts = await future.housekeeping.purge()
+    finally:
+        future.hasher.close()
+    assert counts["sessions"] >= 1 and counts["login_challenges"] >= 1
+    async with core.store.transaction() as tx:
+        assert await tx.sessions.get(ended.id) is None
+        assert await tx.sessions.get(live.id) is not None
+        assert await tx.refresh_tokens.get(old_token.id) is not None  # reuse detection intact
+        assert await tx.challenges.by_hash(challenge.token_hash) is None
+        assert await tx.users.get(user.id) is not None

@@ -128,6 +128,14 @@ def migrate() -> None:
     console.print(f"database at revision {revision}")
 
 
+@app.command()
+def purge() -> None:
+    """Delete ended sessions, expired codes and challenges, sent mail and stale counters
+    older than AUTHGATE_RETENTION_DAYS (servers also do this every few minutes)."""
+    counts = run(lambda core: core.housekeeping.purge())
+    console.print(", ".join(f"{name}: {count}" for name, count in counts.items()))
+
+
 @realm_app.command("create")
 def realm_create(name: str, display_name: str = typer.Option(None, help="A display name.")) -> None:
     realm = run(lambda core: core.realms.create(name, display_name=display_name))

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     throttle_max_delay: float = Field(900.0, gt=0, le=86_400)
     throttle_window: int = Field(3600, ge=1, le=86_400 * 7)
 
+    # Housekeeping: ended sessions, expired codes and challenges, sent mail and stale throttle
+    # counters are deleted this many days after they stop mattering. Audit events are kept.
+    retention_days: int = Field(30, ge=1, le=3650)
+    housekeeping_interval: int = Field(600, ge=10, le=86_400)
+
     # Mail.
     mail_backend: Literal["log", "smtp"] = "log"
     mail_from: str = "Authgate <no-reply@localhost>"

@@ -31,6 +31,7 @@ from authgate.api.surface import JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
 from authgate.logging import configure_logging
 from authgate.core.engine import Core
+from authgate.background import Periodic
 from authgate.mail.worker import OutboxWorker
 from authgate.store.db import SqlStore
 from authgate.store.migrate import upgrade
@@ -155,7 +156,11 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.log = log
     app.state.core = core
-    app.state.background = [lambda: OutboxWorker(app.state.core).start()]
+    app.state.background = [
+        lambda: OutboxWorker(app.state.core).start(),
+        lambda: Periodic("housekeeping", app.state.core.housekeeping.purge,
+                         settings.housekeeping_interval).start(),
+    ]
     app.state.trusted_proxies = [ipaddress.ip_network(p, strict=False)
                                  for p in settings.trusted_proxies]
     app.state.surface_prefixes = []

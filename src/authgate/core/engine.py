@@ -14,6 +14,7 @@ from authgate.core.api_keys import ApiKeys
 from authgate.core.audit import Audit
 from authgate.core.challenges import Challenges
 from authgate.core.devices import Devices
+from authgate.core.housekeeping import Housekeeping
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
@@ -44,6 +45,7 @@ class Core:
             memory_kib=settings.argon2_memory_kib, time_cost=settings.argon2_time_cost,
             parallelism=settings.argon2_parallelism, workers=settings.hash_workers)
         self.audit = Audit(self)
+        self.housekeeping = Housekeeping(self)
         self.realms = Realms(self)
         self.keys = Keys(self)
         self.throttle = Throttle(self)

@@ -188,6 +188,11 @@ class ThrottleRepo(Protocol):
     async def clear(self, key: str) -> None: ...
 
 
+class HousekeepingRepo(Protocol):
+    async def purge(self, now: datetime, cutoff: datetime,
+                    throttle_window: int) -> dict[str, int]: ...
+
+
 class Tx(Protocol):
     realms: RealmRepo
     users: UserRepo
@@ -205,6 +210,7 @@ class Tx(Protocol):
     audit: AuditRepo
     outbox: OutboxRepo
     throttle: ThrottleRepo
+    housekeeping: HousekeepingRepo
 
 
 class Store(Protocol):

@@ -6,11 +6,11 @@ one database and each mail goes out once (at least once if a node dies mid-send)
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import structlog
 
+from authgate.background import Periodic
 from authgate.core.engine import Core
 from authgate.mail.senders import Sender, sender_for
 
@@ -24,8 +24,6 @@ class OutboxWorker:
     def __init__(self, core: Core, sender: Sender | None = None) -> None:
         self.core = core
         self.sender = sender or sender_for(core.settings)
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
 
     async def run_once(self) -> int:
         """Deliver what is due now; return how many mails were sent."""
@@ -54,23 +52,6 @@ class OutboxWorker:
             sent += 1
         return sent
 
-    async def _loop(self) -> None:
-        interval = self.core.settings.mail_poll_seconds
-        while not self._stopping.is_set():
-            try:
-                await self.run_once()
-            except Exception:  # noqa: BLE001 - keep the worker alive; the cause is logged
-                log.exception("outbox worker error")
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=interval)
-            except TimeoutError:
-                pass
-
-    def start(self) -> OutboxWorker:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="outbox")
-        return self
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
+    def start(self) -> Periodic:
+        """Deliver due mail every ``mail_poll_seconds``, until stopped."""
+        return Periodic("outbox", self.run_once, self.core.settings.mail_poll_seconds).start()

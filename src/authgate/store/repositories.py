@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
@@ -598,6 +598,45 @@ class ThrottleRepo(_Repo):
             t.throttle_counters.c.key == key))
 
 
+class HousekeepingRepo:
+    """Deletes what has outlived its use. Rotated refresh tokens go only with their session,
+    so reuse detection keeps working while the session lives; audit events are never deleted."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def _delete(self, table: Table, *where: Any) -> int:
+        return (await self.conn.execute(delete(table).where(*where))).rowcount
+
+    async def purge(self, now: datetime, cutoff: datetime, throttle_window: int) -> dict[str, int]:
+        s, rt = t.sessions.c, t.reauth_tokens.c
+        ended = or_(s.expires_at < cutoff, s.revoked_at < cutoff)
+        # Refresh tokens first (PostgreSQL and SQLite both cascade, but be explicit).
+        ended_ids = select(s.id).where(ended).scalar_subquery()
+        counts = {
+            "refresh_tokens": await self._delete(t.refresh_tokens,
+                                                 t.refresh_tokens.c.session_id.in_(ended_ids)),
+            "sessions": await self._delete(t.sessions, ended),
+            "login_challenges": await self._delete(
+                t.login_challenges, t.login_challenges.c.expires_at < cutoff),
+            "one_time_codes": await self._delete(
+                t.one_time_codes, t.one_time_codes.c.expires_at < cutoff),
+            "reauth_tokens": await self._delete(
+                t.reauth_tokens, or_(rt.expires_at < cutoff, rt.used_at < cutoff,
+                                     rt.revoked_at < cutoff)),
+            "mail_outbox": await self._delete(
+                t.mail_outbox, t.mail_outbox.c.created_at < cutoff,
+                or_(t.mail_outbox.c.sent_at.is_not(None),
+                    t.mail_outbox.c.next_attempt_at.is_(None))),
+        }
+        stale = now - timedelta(seconds=throttle_window)
+        c = t.throttle_counters.c
+        counts["throttle_counters"] = await self._delete(
+            t.throttle_counters, c.window_started_at < stale,
+            or_(c.blocked_until.is_(None), c.blocked_until < now))
+        return counts
+
+
 class SqlTx:
     """One transaction's repositories, all on the same connection."""
 
@@ -619,3 +658,4 @@ class SqlTx:
         self.audit = AuditRepo(conn)
         self.outbox = OutboxRepo(conn)
         self.throttle = ThrottleRepo(conn)
+        self.housekeeping = HousekeepingRepo(conn)
