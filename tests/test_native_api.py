@@ -246,3 +246,33 @@ async def test_health_readiness_and_metrics_answer(client, core):
 
         row = (await tx.conn.execute(text("SELECT 41 + 1"))).first()
     assert row[0] == 42
+
+
+async def test_refresh_keeps_to_the_granted_scope(client, realm):
+    email = unique_email()
+    await sign_up(client, realm, email)
+    granted = (await password_grant(client, realm, email, scope="openid profile")).json()
+    assert granted["scope"] == "openid profile"
+    claims = jwt.decode(granted["access_token"], options={"verify_signature": False})
+    assert claims["scope"] == "openid profile"  # RFC 9068
+    same = (await refresh(client, realm, granted["refresh_token"])).json()
+    assert same["scope"] == "openid profile" and "id_token" in same
+    narrower = (await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": same["refresh_token"],
+        "scope": "openid"})).json()
+    assert narrower["scope"] == "openid"
+    wider = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": narrower["refresh_token"],
+        "scope": "openid admin"})
+    assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+    # The refused request did not spend the token.
+    assert (await refresh(client, realm, narrower["refresh_token"])).status_code == 200
+
+
+async def test_without_openid_no_id_token_is_issued_on_sign_in_or_refresh(client, realm):
+    email = unique_email()
+    await sign_up(client, realm, email)
+    plain = (await password_grant(client, realm, email, scope="offline_access")).json()
+    assert "id_token" not in plain and plain["scope"] == "offline_access"
+    again = (await refresh(client, realm, plain["refresh_token"])).json()
+    assert "id_token" not in again and again["scope"] == "offline_access"

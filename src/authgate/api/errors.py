@@ -13,6 +13,7 @@ from authgate.core.errors import AuthError, ErrorCode
 # core code -> (HTTP status, wire error code)
 NATIVE_ERRORS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request"),
+    ErrorCode.INVALID_SCOPE: (400, "invalid_scope"),
     ErrorCode.NOT_FOUND: (404, "not_found"),
     ErrorCode.FORBIDDEN: (403, "access_denied"),
     ErrorCode.INVALID_CREDENTIALS: (400, "invalid_grant"),

@@ -39,8 +39,8 @@ def token_response(tokens: Tokens, scope: str | None = None) -> Response:
 
 
 def _scope(form: dict[str, Any]) -> str:
-    scope = string_field(form, "scope", max_length=1000) or "openid"
-    return " ".join(dict.fromkeys(scope.split()))
+    """The scope asked for at sign-in; ``openid`` when none is given."""
+    return string_field(form, "scope", max_length=1000) or "openid"
 
 
 @router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)")
@@ -65,13 +65,14 @@ async def token(request: Request, realm: Realm = Depends(get_realm)) -> Response
         tokens = await core.sessions.start(
             realm, user, amr=amr, client=client, client_id=client_id,
             nonce=string_field(form, "nonce", max_length=500),
-            with_id_token="openid" in scope.split())
-        return token_response(tokens, scope)
+            with_id_token="openid" in scope.split(), scope=scope)
+        return token_response(tokens, tokens.scope)
     if grant_type == "refresh_token":
         raw = string_field(form, "refresh_token", required=True, max_length=512)
         assert raw is not None
-        tokens = await core.sessions.refresh(realm, raw, client)
-        return token_response(tokens, string_field(form, "scope", max_length=1000))
+        tokens = await core.sessions.refresh(realm, raw, client,
+                                             scope=string_field(form, "scope", max_length=1000))
+        return token_response(tokens, tokens.scope)
     raise AuthError(ErrorCode.INVALID_REQUEST,
                     f"Unsupported grant_type {(grant_type or '')[:40]!r}; supported: "
                     f"{', '.join(SUPPORTED_GRANTS)}.",

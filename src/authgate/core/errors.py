@@ -15,6 +15,7 @@ from typing import Any
 class ErrorCode(StrEnum):
     # Requests.
     INVALID_REQUEST = "invalid_request"
+    INVALID_SCOPE = "invalid_scope"
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
     # Credentials and accounts.
@@ -69,6 +70,7 @@ class AuthError(Exception):
 
 DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.INVALID_REQUEST: "The request is malformed.",
+    ErrorCode.INVALID_SCOPE: "The scope asks for more than was granted.",
     ErrorCode.NOT_FOUND: "Not found.",
     ErrorCode.FORBIDDEN: "Not allowed.",
     ErrorCode.INVALID_CREDENTIALS: "Invalid login id or password.",

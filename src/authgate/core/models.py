@@ -137,6 +137,7 @@ class Session:
     user_agent: str | None = None
     revoked_at: datetime | None = None
     revoked_reason: str | None = None
+    scope: str | None = None  # granted at sign-in (native API); None: not scoped
 
     def is_live(self, now: datetime) -> bool:
         return self.revoked_at is None and self.expires_at > now

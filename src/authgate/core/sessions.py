@@ -41,6 +41,7 @@ class Tokens:
     refresh_token: str
     id_token: str | None = None
     claims: dict[str, Any] = field(default_factory=dict)
+    scope: str | None = None
 
 
 @dataclass(slots=True)
@@ -70,9 +71,11 @@ class Sessions:
                     client: ClientInfo | None = None, organisation_id: str | None = None,
                     device_id: str | None = None, client_id: str | None = None,
                     nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
-                    with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
+                    with_id_token: bool = True, access_ttl: int | None = None,
+                    scope: str | None = None) -> Tokens:
         """``access_ttl`` overrides the access token's lifetime (a dialect whose clients expect
-        another one); the session's own lifetime does not change."""
+        another one); the session's own lifetime does not change. ``scope`` is the scope
+        granted (native OAuth): kept on the session, it bounds every refresh."""
         client = client or ClientInfo()
         now = self.core.now()
         s = self.core.settings
@@ -81,6 +84,7 @@ class Sessions:
             created_at=now, last_used_at=now, expires_at=now + timedelta(seconds=s.session_ttl),
             organisation_id=organisation_id, device_id=device_id, client_id=client_id,
             ip=client.ip, user_agent=(client.user_agent or "")[:512] or None,
+            scope=normalise_scope(scope),
         )
         raw, token = self._new_refresh(session, parent_id=None)
         user.last_sign_in_at = now
@@ -106,7 +110,8 @@ class Sessions:
     # Tokens.
 
     def access_claims(self, realm: Realm, user: User, session: Session,
-                      access_ttl: int | None = None) -> dict[str, Any]:
+                      access_ttl: int | None = None,
+                      scope: str | None = None) -> dict[str, Any]:
         now = int(self.core.now().timestamp())
         claims: dict[str, Any] = {
             "iss": self.core.realms.issuer(realm),
@@ -124,6 +129,8 @@ class Sessions:
             claims["roles"] = user.roles
         if session.organisation_id:
             claims["org"] = session.organisation_id
+        if scope or session.scope:
+            claims["scope"] = scope or session.scope  # RFC 9068
         return claims
 
     def id_claims(self, realm: Realm, user: User, session: Session,
@@ -146,8 +153,9 @@ class Sessions:
 
     async def _tokens(self, realm: Realm, user: User, session: Session, raw_refresh: str, *,
                       nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
-                      with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
-        claims = self.access_claims(realm, user, session, access_ttl)
+                      with_id_token: bool = True, access_ttl: int | None = None,
+                      scope: str | None = None) -> Tokens:
+        claims = self.access_claims(realm, user, session, access_ttl, scope)
         if extra_claims:
             claims.update({k: v for k, v in extra_claims.items() if k not in RESERVED_CLAIMS})
         signer = await self.core.keys.signer(realm)
@@ -156,7 +164,7 @@ class Sessions:
         return Tokens(session=session, user=user, access_token=signer.sign(claims, typ="at+jwt"),
                       expires_in=access_ttl or self.core.settings.access_token_ttl,
                       refresh_token=raw_refresh,
-                      id_token=id_token, claims=claims)
+                      id_token=id_token, claims=claims, scope=scope or session.scope)
 
     # Refreshing.
 
@@ -187,13 +195,22 @@ class Sessions:
 
     async def refresh(self, realm: Realm, raw: str, client: ClientInfo | None = None, *,
                       extra_claims: dict[str, Any] | None = None,
-                      with_id_token: bool = True, access_ttl: int | None = None) -> Tokens:
-        """Rotate a refresh token. Reuse outside the grace window revokes the session."""
+                      with_id_token: bool | None = None, access_ttl: int | None = None,
+                      scope: str | None = None) -> Tokens:
+        """Rotate a refresh token. Reuse outside the grace window revokes the session.
+
+        ``scope`` may narrow the new access token's scope, never widen it past the session's
+        grant (RFC 6749 §6: INVALID_SCOPE). An ID token comes back when the caller asks for one
+        or, by default, when the session was granted ``openid`` (OIDC Core §12.2)."""
+        requested = normalise_scope(scope)
         now = self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
         reused = False
         async with self.core.store.transaction(write=True) as tx:
             token, session, user = await self._refreshable(tx, realm, raw, now, lock=True)
+            if requested and session.scope is not None and \
+                    not set(requested.split()) <= set(session.scope.split()):
+                raise AuthError(ErrorCode.INVALID_SCOPE)
             if token.rotated_at is None:
                 successor_raw, successor = self._new_refresh(session, parent_id=token.id)
                 await tx.refresh_tokens.add(successor)
@@ -214,9 +231,11 @@ class Sessions:
                     successor_raw = grace_raw
         if reused:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
+        if with_id_token is None:
+            with_id_token = session.scope is None or "openid" in session.scope.split()
         return await self._tokens(realm, user, session, successor_raw,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
-                                  access_ttl=access_ttl)
+                                  access_ttl=access_ttl, scope=requested)
 
     async def _grace_successor(self, tx: Any, token: RefreshToken, now: Any,
                                grace: timedelta) -> str | None:
@@ -373,6 +392,13 @@ class Sessions:
                                          user_id=user.id, session_id=session.id, client=client,
                                          amr=added)
         return await self.refresh(realm, raw, client, with_id_token=False)
+
+def normalise_scope(scope: str | None) -> str | None:
+    """Space-separated scope tokens, each once, in the order given; None when empty."""
+    if not scope:
+        return None
+    return " ".join(dict.fromkeys(scope.split())) or None
+
 
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "amr",
                              "azp", "auth_time", "nonce", "acr", "cnf"})

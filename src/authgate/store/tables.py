@@ -177,6 +177,7 @@ sessions = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime()),
     Column("revoked_reason", String(64)),
+    Column("scope", String(1000)),
 )
 
 refresh_tokens = Table(
