@@ -276,3 +276,17 @@ async def test_without_openid_no_id_token_is_issued_on_sign_in_or_refresh(client
     assert "id_token" not in plain and plain["scope"] == "offline_access"
     again = (await refresh(client, realm, plain["refresh_token"])).json()
     assert "id_token" not in again and again["scope"] == "offline_access"
+
+
+async def test_the_openapi_document_describes_every_surface(client):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a duplicate operation id would warn
+        document = (await client.get("/openapi.json")).json()
+    paths = set(document["paths"])
+    for expected in ("/oauth/token", "/userinfo", "/.well-known/jwks.json",
+                     "/tiledesk/auth/signin", "/descope/v1/auth/password/signin",
+                     "/deskera/v1/iam/auth/sign-in/web/sign-in",
+                     "/webapi/api/v1/Authentication/Login", "/classroom/auth/sign-in-verify"):
+        assert expected in paths, expected

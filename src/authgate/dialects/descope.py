@@ -560,8 +560,10 @@ async def me(request: Request) -> Response:
     return JSONResponse(await _user_json(_core(request), realm, user), headers=NO_STORE)
 
 
-@router.api_route("/v1/auth/me/tenants", methods=["GET", "POST"],
-                  summary="The tenants of the session's user")
+@router.get("/v1/auth/me/tenants", summary="The tenants of the session's user",
+            operation_id="descope_my_tenants_get")
+@router.post("/v1/auth/me/tenants", summary="The tenants of the session's user (as the SDK "
+             "asks: POST {dct, ids})", operation_id="descope_my_tenants_post")
 async def my_tenants(request: Request) -> Response:
     realm, token = await _realm(request)
     body = await read_body(request, allow_form=False, allow_empty=True)
