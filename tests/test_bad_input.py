@@ -73,3 +73,20 @@ async def test_a_password_over_the_maximum_is_refused_without_hashing(client, re
         "password": "x" * (settings.password_max_length + 1)})
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
+
+
+async def test_an_oversized_body_is_refused_in_each_surfaces_own_shape(client, settings):
+    big = b'{"a": "' + b"x" * (settings.max_body_bytes + 10) + b'"}'
+    expectations = {
+        "/tiledesk/auth/signin": "success",
+        "/descope/v1/auth/password/signin": "errorCode",
+        "/deskera/v1/iam/auth/sign-in/web/sign-in": "errorMessage",
+        "/webapi/api/v1/Authentication/Login?APIKey=x": "Message",
+        "/classroom/auth/sign-in-verify": "status_code",
+        "/oauth/token": "error",
+    }
+    for path, field in expectations.items():
+        response = await client.post(path, content=big,
+                                     headers={"content-type": "application/json"})
+        assert response.status_code == 413, (path, response.text)
+        assert field in response.json(), (path, response.json())

@@ -27,7 +27,7 @@ from authgate.api import (
     verification,
 )
 from authgate.api.errors import native
-from authgate.api.surface import JSONResponse, Surface
+from authgate.api.surface import BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
 from authgate.logging import configure_logging
 from authgate.core.engine import Core
@@ -86,9 +86,12 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"error": "invalid_request",
-                                 "error_description": "The request body is too large."},
-                                status_code=413, headers={"Connection": "close"})
+        """413 in the shape of the surface the path belongs to."""
+        request = Request(scope, receive)
+        response = _surface_for(request).render_bad_request(
+            request, BadRequest("The request body is too large.", status=413))
+        response.status_code = 413
+        response.headers["Connection"] = "close"
         await response(scope, receive, send)
 
 
