@@ -185,13 +185,19 @@ def user_list(realm: str = RealmOption, limit: int = typer.Option(100, min=1, ma
     console.print(table)
 
 
+async def _user_or_exit(core: Any, realm: Any, login_id: str) -> Any:
+    """The user with this login id in the realm, or an error message and exit status 1."""
+    user = await core.users.find(realm, login_id)
+    if user is None:
+        err.print(f"[red]error:[/red] no user {login_id!r} in realm {realm.name}")
+        raise typer.Exit(1)
+    return user
+
+
 def _user_status(login_id: str, realm: str, status: str) -> None:
     async def work(core: Any) -> Any:
         target = await core.realms.require(realm)
-        user = await core.users.find(target, login_id)
-        if user is None:
-            err.print(f"[red]error:[/red] no user {login_id!r} in realm {realm}")
-            raise typer.Exit(1)
+        user = await _user_or_exit(core, target, login_id)
         return await core.users.set_status(target, user.id, status, actor="cli")
 
     user = run(work)
@@ -218,10 +224,7 @@ def user_set_password(login_id: str, realm: str = RealmOption,
 
     async def work(core: Any) -> None:
         target = await core.realms.require(realm)
-        user = await core.users.find(target, login_id)
-        if user is None:
-            err.print(f"[red]error:[/red] no user {login_id!r} in realm {realm}")
-            raise typer.Exit(1)
+        user = await _user_or_exit(core, target, login_id)
         await core.users.set_password(target, user.id, password)
 
     run(work)
@@ -335,10 +338,7 @@ def device_list(login_id: str = typer.Argument(..., help="The user's e-mail or u
     """A user's remembered devices."""
     async def work(core: Any) -> Any:
         target = await core.realms.require(realm)
-        user = await core.users.find(target, login_id)
-        if user is None:
-            err.print(f"[red]error:[/red] no user {login_id!r} in realm {realm}")
-            raise typer.Exit(1)
+        user = await _user_or_exit(core, target, login_id)
         return await core.devices.list_for_user(target, user.id, include_revoked=all_devices)
 
     table = Table("id", "name", "device key", "created", "last seen", "revoked")
