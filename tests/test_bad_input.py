@@ -90,3 +90,15 @@ async def test_an_oversized_body_is_refused_in_each_surfaces_own_shape(client, s
                                      headers={"content-type": "application/json"})
         assert response.status_code == 413, (path, response.text)
         assert field in response.json(), (path, response.json())
+
+
+def test_every_core_error_code_is_documented_with_its_native_mapping():
+    from pathlib import Path
+
+    from authgate.api.errors import NATIVE_ERRORS
+    from authgate.core.errors import ErrorCode
+
+    page = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    for code in ErrorCode:
+        status, wire = NATIVE_ERRORS[code]
+        assert f"| `{code.value}` | {status} | `{wire}` |" in page, code
