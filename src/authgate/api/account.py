@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from authgate.api.deps import get_core, get_principal, get_realm
+from authgate.api.deps import get_core, get_principal, get_principal_with_user, get_realm
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, BadRequest, JSONResponse, bool_field, client_info
 from authgate.api.surface import read_body
@@ -102,8 +102,9 @@ async def revoke_session(session_id: str, request: Request,
 
 
 @router.get("/me", summary="My account")
-async def me(request: Request, principal: Principal = Depends(get_principal)) -> Response:
-    user = await get_core(request).users.get(principal.realm, principal.user_id)
+async def me(request: Request,
+             principal: Principal = Depends(get_principal_with_user)) -> Response:
+    user = principal.user
     return JSONResponse(user_json(user), headers=NO_STORE)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from authgate.api.deps import get_core, get_principal
+from authgate.api.deps import get_core, get_principal, get_principal_with_user
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, JSONResponse, client_info, read_body, string_field
 from authgate.core.models import Device
@@ -77,18 +77,20 @@ async def _code(request: Request) -> str:
 
 
 @router.get("/mfa", summary="My second factors")
-async def mfa_status(request: Request, principal: Principal = Depends(get_principal)) -> Response:
+async def mfa_status(request: Request,
+                     principal: Principal = Depends(get_principal_with_user)) -> Response:
     core = get_core(request)
-    user = await core.users.get(principal.realm, principal.user_id)
+    user = principal.user
     status = await core.totp.status(user)
     return JSONResponse({"totp": {"enabled": status.enabled, "pending": status.pending},
                          "recovery_codes_left": status.recovery_codes_left}, headers=NO_STORE)
 
 
 @router.post("/mfa/totp", summary="Start TOTP enrolment")
-async def totp_enrol(request: Request, principal: Principal = Depends(get_principal)) -> Response:
+async def totp_enrol(request: Request,
+                     principal: Principal = Depends(get_principal_with_user)) -> Response:
     core = get_core(request)
-    user = await core.users.get(principal.realm, principal.user_id)
+    user = principal.user
     enrolment = await core.totp.enrol(principal.realm, user, client=client_info(request))
     return JSONResponse({"secret": enrolment.secret, "otpauth_uri": enrolment.uri},
                         headers=NO_STORE)
@@ -96,30 +98,30 @@ async def totp_enrol(request: Request, principal: Principal = Depends(get_princi
 
 @router.post("/mfa/totp/confirm", summary="Confirm TOTP enrolment with a first code")
 async def totp_confirm(request: Request,
-                       principal: Principal = Depends(get_principal)) -> Response:
+                       principal: Principal = Depends(get_principal_with_user)) -> Response:
     core = get_core(request)
     code = await _code(request)
-    user = await core.users.get(principal.realm, principal.user_id)
+    user = principal.user
     codes = await core.totp.confirm(principal.realm, user, code, client=client_info(request))
     return JSONResponse({"enabled": True, "recovery_codes": codes}, headers=NO_STORE)
 
 
 @router.post("/mfa/totp/disable", summary="Turn TOTP off")
 async def totp_disable(request: Request,
-                       principal: Principal = Depends(get_principal)) -> Response:
+                       principal: Principal = Depends(get_principal_with_user)) -> Response:
     core = get_core(request)
     code = await _code(request)
-    user = await core.users.get(principal.realm, principal.user_id)
+    user = principal.user
     await core.totp.disable(principal.realm, user, code, client=client_info(request))
     return Response(status_code=204)
 
 
 @router.post("/mfa/recovery-codes", summary="Replace my recovery codes")
 async def recovery_codes(request: Request,
-                         principal: Principal = Depends(get_principal)) -> Response:
+                         principal: Principal = Depends(get_principal_with_user)) -> Response:
     core = get_core(request)
     code = await _code(request)
-    user = await core.users.get(principal.realm, principal.user_id)
+    user = principal.user
     codes = await core.totp.regenerate_recovery_codes(principal.realm, user, code,
                                                       client=client_info(request))
     return JSONResponse({"recovery_codes": codes}, headers=NO_STORE)
