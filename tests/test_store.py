@@ -19,6 +19,7 @@ from authgate.core.models import (
 )
 from authgate.core.ports import Conflict
 from authgate.crypto.tokens import digest, new_id, new_token
+from authgate.store import tables as t
 
 
 def a_user(realm: Realm, **fields: object) -> User:
@@ -227,3 +228,98 @@ async def test_housekeeping_deletes_only_what_has_outlived_its_use(core: Core, r
         assert await tx.refresh_tokens.get(old_token.id) is not None  # reuse detection intact
         assert await tx.challenges.by_hash(challenge.token_hash) is None
         assert await tx.users.get(user.id) is not None
+
+
+async def _live_token(core: Core, realm: Realm, *, session_ttl: timedelta = timedelta(hours=1),
+                      **user_fields: object) -> tuple[User, Session, RefreshToken]:
+    user = a_user(realm, email=f"{new_id()}@example.com", **user_fields)
+    session = a_session(realm, user)
+    session.expires_at = session.created_at + session_ttl
+    session.last_used_at = session.created_at - timedelta(minutes=5)
+    token = RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(new_token()),
+                         created_at=session.created_at, expires_at=session.expires_at)
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+        await tx.sessions.add(session)
+        await tx.refresh_tokens.add(token)
+    return user, session, token
+
+
+async def _rotate_live(core: Core, realm: Realm, token_hash: str, *,
+                       successor_expires_in: timedelta = timedelta(days=30)) -> tuple[
+                           tuple[Session, User] | None, str]:
+    now = utcnow()
+    successor_id = new_id()
+    event = core.audit.event("session.refreshed", realm_id=realm.id)
+    async with core.store.transaction(write=True, single=True) as tx:
+        found = await tx.refresh_tokens.rotate_live(
+            token_hash, realm_id=realm.id, now=now, successor_id=successor_id,
+            successor_hash=digest(new_token()), successor_expires_at=now + successor_expires_in,
+            successor_enc=b"sealed", touch_before=now - timedelta(minutes=1), event=event)
+    return found, successor_id
+
+
+async def test_a_live_refresh_token_rotates_in_one_call(core: Core, realm: Realm):
+    user, session, token = await _live_token(core, realm)
+    found, successor_id = await _rotate_live(core, realm, token.token_hash)
+    assert found is not None
+    assert (found[0].id, found[1].id, found[1].email) == (session.id, user.id, user.email)
+    async with core.store.transaction() as tx:
+        parent = await tx.refresh_tokens.get(token.id)
+        successor = await tx.refresh_tokens.get(successor_id)
+        touched = await tx.sessions.get(session.id)
+        events = await tx.audit.recent(realm.id, user_id=user.id)
+    assert parent is not None and parent.rotated_at is not None
+    assert (parent.successor_id, parent.successor_enc) == (successor_id, b"sealed")
+    assert successor is not None and successor.rotated_at is None
+    assert (successor.session_id, successor.parent_id) == (session.id, token.id)
+    # Asked for 30 days; the session ends in one hour, and the successor with it.
+    assert successor.expires_at == session.expires_at
+    assert touched is not None and touched.last_used_at > session.last_used_at
+    assert [(e.type, e.session_id) for e in events] == [("session.refreshed", session.id)]
+
+
+@pytest.mark.parametrize("condition", ["rotated", "token expired", "session revoked",
+                                       "session expired", "another realm", "user disabled",
+                                       "unknown token"])
+async def test_rotate_live_changes_nothing_unless_every_check_passes(core: Core, realm: Realm,
+                                                                     condition: str):
+    user, session, token = await _live_token(core, realm)
+    now = utcnow()
+    async with core.store.transaction(write=True) as tx:
+        if condition == "rotated":
+            await tx.refresh_tokens.mark_rotated(token.id, now, new_id(), b"x")
+        elif condition == "token expired":
+            await tx.conn.execute(t.refresh_tokens.update()
+                                  .where(t.refresh_tokens.c.id == token.id)
+                                  .values(expires_at=now - timedelta(seconds=1)))
+        elif condition == "session revoked":
+            await tx.sessions.revoke(session.id, now, "test")
+        elif condition == "session expired":
+            await tx.conn.execute(t.sessions.update().where(t.sessions.c.id == session.id)
+                                  .values(expires_at=now - timedelta(seconds=1)))
+        elif condition == "user disabled":
+            await tx.conn.execute(t.users.update().where(t.users.c.id == user.id)
+                                  .values(status="disabled"))
+    async with core.store.transaction() as tx:
+        before = await tx.refresh_tokens.get(token.id)
+    in_realm = await core.realms.create(realm.name + "-x") if condition == "another realm" \
+        else realm
+    token_hash = digest(new_token()) if condition == "unknown token" else token.token_hash
+    found, successor_id = await _rotate_live(core, in_realm, token_hash)
+    assert found is None
+    async with core.store.transaction() as tx:
+        assert await tx.refresh_tokens.get(successor_id) is None
+        assert await tx.refresh_tokens.get(token.id) == before
+        assert await tx.audit.recent(realm.id, user_id=user.id) == []
+
+
+async def test_of_concurrent_live_rotations_of_one_token_one_wins(core: Core, realm: Realm):
+    _, _, token = await _live_token(core, realm)
+    results = await asyncio.gather(*(_rotate_live(core, realm, token.token_hash)
+                                     for _ in range(4)))
+    winners = [successor for found, successor in results if found is not None]
+    assert len(winners) == 1
+    async with core.store.transaction() as tx:
+        parent = await tx.refresh_tokens.get(token.id)
+    assert parent is not None and parent.successor_id == winners[0]

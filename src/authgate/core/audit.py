@@ -45,15 +45,27 @@ class Audit:
                      user_id: str | None = None, session_id: str | None = None,
                      organisation_id: str | None = None, client: ClientInfo | None = None,
                      **data: Any) -> None:
-        event = AuditEvent(
+        event = self.event(type, realm_id=realm_id, user_id=user_id, session_id=session_id,
+                           organisation_id=organisation_id, client=client, **data)
+        await tx.audit.add(event)
+        self.counted(event)
+
+    def event(self, type: str, *, realm_id: str | None, user_id: str | None = None,
+              session_id: str | None = None, organisation_id: str | None = None,
+              client: ClientInfo | None = None, **data: Any) -> AuditEvent:
+        """An event to hand to a repository that records it as part of a larger write; call
+        ``counted`` once that write is done."""
+        return AuditEvent(
             type=type, realm_id=realm_id, at=self.core.now(), user_id=user_id,
             session_id=session_id, organisation_id=organisation_id,
             ip=client.ip if client else None,
             user_agent=(client.user_agent or "")[:512] or None if client else None,
             data=data,
         )
-        await tx.audit.add(event)
-        EVENTS.labels(type=type).inc()
+
+    @staticmethod
+    def counted(event: AuditEvent) -> None:
+        EVENTS.labels(type=event.type).inc()
 
     async def recent(self, realm_id: str | None, *, limit: int = 50,
                      user_id: str | None = None) -> list[AuditEvent]:

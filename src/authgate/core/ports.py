@@ -109,6 +109,20 @@ class RefreshTokenRepo(Protocol):
                            successor_enc: bytes) -> bool:
         """Compare-and-set: True only for the one caller that rotated an unrotated token."""
         ...
+    async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
+                          successor_id: str, successor_hash: str, successor_expires_at: datetime,
+                          successor_enc: bytes, touch_before: datetime,
+                          event: AuditEvent) -> tuple[Session, User] | None:
+        """Rotate a live token in one atomic step, or change nothing and return None.
+
+        Live: the token is neither rotated nor expired, its session belongs to ``realm_id`` and
+        is neither revoked nor expired, and its user is active. Then, all at once: the successor
+        is stored in the token's session (expiring no later than the session), the token is
+        marked rotated with ``successor_enc``, the session's last use becomes ``now`` if it was
+        before ``touch_before``, and ``event`` is recorded for the session and its user.
+        Returns the session and user as they were read. A store may run this alone, outside a
+        transaction (``Store.transaction(single=True)``)."""
+        ...
 
 
 class SigningKeyRepo(Protocol):
@@ -215,8 +229,10 @@ class Tx(Protocol):
 
 class Store(Protocol):
     """Opens transactions. ``write=True`` takes the write lock up front (SQLite: BEGIN
-    IMMEDIATE); reads may run in autocommit."""
+    IMMEDIATE); reads may run in autocommit. ``single=True`` promises one repository call that
+    is atomic by itself, which the store may then run without a surrounding transaction."""
 
-    def transaction(self, *, write: bool = False) -> AbstractAsyncContextManager[Tx]: ...
+    def transaction(self, *, write: bool = False,
+                    single: bool = False) -> AbstractAsyncContextManager[Tx]: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...

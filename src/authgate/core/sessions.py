@@ -203,6 +203,47 @@ class Sessions:
         grant (RFC 6749 §6: INVALID_SCOPE). An ID token comes back when the caller asks for one
         or, by default, when the session was granted ``openid`` (OIDC Core §12.2)."""
         requested = normalise_scope(scope)
+        if not raw or len(raw) > 512:
+            raise AuthError(ErrorCode.INVALID_TOKEN)
+        rotated = await self._rotate_live(realm, raw, client) if requested is None else None
+        if rotated is not None:
+            session, user, successor_raw = rotated
+        else:
+            session, user, successor_raw = await self._rotate(realm, raw, client, requested)
+        if with_id_token is None:
+            with_id_token = session.scope is None or "openid" in session.scope.split()
+        return await self._tokens(realm, user, session, successor_raw,
+                                  extra_claims=extra_claims, with_id_token=with_id_token,
+                                  access_ttl=access_ttl, scope=requested)
+
+    async def _rotate_live(self, realm: Realm, raw: str,
+                           client: ClientInfo | None) -> tuple[Session, User, str] | None:
+        """The common case in one store call: a live token, rotated. None when any check fails
+        (nothing changed then): ``_rotate`` finds out what to answer."""
+        async with self.core.store.transaction(write=True, single=True) as tx:
+            return await self._rotate_in(tx, realm, digest(raw), client)
+
+    async def _rotate_in(self, tx: Any, realm: Realm, token_hash: str,
+                         client: ClientInfo | None) -> tuple[Session, User, str] | None:
+        now = self.core.now()
+        successor_raw = new_token(32)
+        event = self.core.audit.event(events.REFRESHED, realm_id=realm.id, client=client)
+        found = await tx.refresh_tokens.rotate_live(
+            token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
+            successor_hash=digest(successor_raw),
+            successor_expires_at=now + timedelta(seconds=self.core.settings.refresh_token_ttl),
+            # Kept encrypted on its parent, for the grace window.
+            successor_enc=self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token_hash),
+            touch_before=now - TOUCH_INTERVAL, event=event)
+        if found is None:
+            return None
+        self.core.audit.counted(event)
+        return *found, successor_raw
+
+    async def _rotate(self, realm: Realm, raw: str, client: ClientInfo | None,
+                      requested: str | None) -> tuple[Session, User, str]:
+        """Every case, one check at a time: a live token is rotated; a token rotated within
+        the grace window gives its successor again; any other rotated token is reuse."""
         now = self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
         reused = False
@@ -212,16 +253,10 @@ class Sessions:
                     not set(requested.split()) <= set(session.scope.split()):
                 raise AuthError(ErrorCode.INVALID_SCOPE)
             if token.rotated_at is None:
-                successor_raw, successor = self._new_refresh(session, parent_id=token.id)
-                await tx.refresh_tokens.add(successor)
-                sealed = self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token.id)
-                if not await tx.refresh_tokens.mark_rotated(token.id, now, successor.id, sealed):
+                rotated = await self._rotate_in(tx, realm, token.token_hash, client)
+                if rotated is None:
                     raise AuthError(ErrorCode.INVALID_TOKEN)  # lost a race the lock prevents
-                if now - session.last_used_at > TOUCH_INTERVAL:
-                    await tx.sessions.touch(session.id, now)
-                await self.core.audit.record(tx, events.REFRESHED, realm_id=realm.id,
-                                             user_id=user.id, session_id=session.id,
-                                             client=client)
+                session, user, successor_raw = rotated
             else:
                 grace_raw = await self._grace_successor(tx, token, now, grace)
                 if grace_raw is None:
@@ -231,11 +266,7 @@ class Sessions:
                     successor_raw = grace_raw
         if reused:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
-        if with_id_token is None:
-            with_id_token = session.scope is None or "openid" in session.scope.split()
-        return await self._tokens(realm, user, session, successor_raw,
-                                  extra_claims=extra_claims, with_id_token=with_id_token,
-                                  access_ttl=access_ttl, scope=requested)
+        return session, user, successor_raw
 
     async def _grace_successor(self, tx: Any, token: RefreshToken, now: Any,
                                grace: timedelta) -> str | None:
@@ -248,7 +279,8 @@ class Sessions:
         if successor is None or successor.rotated_at is not None:
             return None
         try:
-            return self.core.box.decrypt(_SUCCESSOR, token.successor_enc, token.id).decode()
+            return self.core.box.decrypt(_SUCCESSOR, token.successor_enc,
+                                         token.token_hash).decode()
         except DecryptionError:
             return None
 

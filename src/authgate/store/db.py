@@ -10,8 +10,12 @@ loop never waits for a lock:
 
 - Writers in one process queue on an ``asyncio.Lock``, then take ``BEGIN IMMEDIATE`` without a
   busy wait, backing off with ``asyncio.sleep`` while another process holds the lock. Inside,
-  nothing can wait for another writer. The commit's fsync runs in a thread (sqlite3 releases the
-  GIL), so other requests are served meanwhile; the lock is held until it is done.
+  nothing can wait for another writer.
+- Group commit: writers that queue while one is working share its transaction, each inside a
+  savepoint of its own (a writer that fails rolls back only its own changes). The last of them
+  commits for all, and none returns before that commit is on disk: one fsync serves many
+  writes, with the durability of one commit each. The fsync runs in a thread (sqlite3 releases
+  the GIL), so other requests are served meanwhile.
 - Reads run in autocommit (each statement its own snapshot) on ``query_only`` connections, so a
   write attempted in a read transaction fails at once instead of waiting for a lock.
 
@@ -29,6 +33,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+from prometheus_client import Histogram
 from sqlalchemy import event, text
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -47,6 +52,12 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_READ_BUSY_TIMEOUT_MS = 2_000
 SQLITE_WRITE_LOCK_WAIT_S = 30.0
 SQLITE_IDLE_READERS = 8
+# Writers committed together at most: bounds the wait of the first of them.
+SQLITE_GROUP_COMMIT_MAX = 32
+
+GROUP_SIZES = Histogram("authgate_sqlite_group_commit_writes",
+                        "Write transactions per SQLite commit (group commit)",
+                        buckets=(1, 2, 4, 8, 16, 32))
 
 
 def _is_memory(url: str) -> bool:
@@ -153,6 +164,70 @@ class SqliteConnections:
         self._writer = None
 
 
+class _Group:
+    """Write transactions that share one SQLite transaction and one commit."""
+
+    __slots__ = ("_done", "error", "lost", "size")
+
+    def __init__(self) -> None:
+        self.size = 0  # writers that joined
+        self.lost = False  # a failure rolled back the whole transaction
+        self.error: BaseException | None = None
+        self._done = asyncio.get_running_loop().create_future()
+
+    async def commit(self, connection: sqlite3.Connection) -> None:
+        """Commit (or, if lost, roll back) and tell every member. The wait for the fsync is not
+        cancellable: the connection is busy until it is over."""
+        cancelled = False
+        try:
+            if self.lost:
+                raise sqlite3.OperationalError("the transaction was rolled back by an error in "
+                                               "a write committed with it")
+            commit, cancelled = await _finish(asyncio.to_thread(connection.commit))
+            commit.result()
+            GROUP_SIZES.observe(self.size)
+        except Exception as exc:  # noqa: BLE001 - every member is told
+            if connection.in_transaction:
+                connection.rollback()
+            self.error = exc
+        finally:
+            self._done.set_result(None)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def durable(self) -> None:
+        """Wait until the group's commit is on disk; raise if it failed."""
+        await asyncio.shield(self._done)
+        if self.error is not None:
+            raise sqlite3.OperationalError(f"the write was not committed: {self.error}")
+
+
+def _undo_savepoint(connection: sqlite3.Connection, group: _Group) -> None:
+    """Roll back one writer's changes. If SQLite already rolled back the whole transaction
+    (some errors do), the writes of the whole group are lost with it."""
+    if connection.in_transaction:
+        try:
+            connection.execute("ROLLBACK TO tx")
+            connection.execute("RELEASE tx")
+            return
+        except sqlite3.Error:
+            pass
+    group.lost = True
+
+
+async def _finish(awaitable: Any) -> tuple[asyncio.Future[Any], bool]:
+    """Await to the end even if cancelled meanwhile. Returns the finished future and whether
+    a cancellation arrived, for the caller to raise once it has dealt with the outcome."""
+    future = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait((future,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return future, cancelled
+
+
 class SqlStore:
     """The core's ``Store``: hands out transactions whose repositories share one connection."""
 
@@ -165,6 +240,9 @@ class SqlStore:
         if self.is_sqlite and not _is_memory(str(engine.url)):
             self._sqlite = SqliteConnections(str(make_url(str(engine.url)).database))
         self._write_lock = asyncio.Lock()
+        self._writers_waiting = 0
+        self._group: _Group | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._pg_pool: asyncpg.Pool | None = None
         self._pg_pool_lock = asyncio.Lock()
 
@@ -173,11 +251,14 @@ class SqlStore:
         return cls(create_engine(url), pool_size=pool_size)
 
     @asynccontextmanager
-    async def transaction(self, *, write: bool = False) -> AsyncIterator[SqlTx]:
+    async def transaction(self, *, write: bool = False,
+                          single: bool = False) -> AsyncIterator[SqlTx]:
+        """``single``: the body makes one repository call, atomic by itself; PostgreSQL runs it
+        in autocommit (no BEGIN and COMMIT round trips)."""
         if self._sqlite is not None:
             manager = self._sqlite_write() if write else self._sqlite_read()
         elif not self.is_sqlite:
-            manager = self._pg_transaction(write)
+            manager = self._pg_transaction(write and not single)
         else:
             manager = self._plain_transaction(write)
         async with manager as tx:
@@ -187,21 +268,66 @@ class SqlStore:
 
     @asynccontextmanager
     async def _sqlite_write(self) -> AsyncIterator[SqlTx]:
+        """A write transaction: a savepoint in the current group's transaction, durable when
+        the context exits without error."""
         assert self._sqlite is not None
-        async with self._write_lock:
-            connection = self._sqlite.writer
-            await self._begin_immediate(connection)
+        connection = self._sqlite.writer
+        group = await self._join_group(connection)  # holds the write lock from here
+        try:
+            connection.execute("SAVEPOINT tx")
             try:
                 yield SqlTx(DriverConnection(connection, self.dialect))  # type: ignore[arg-type]
+                connection.execute("RELEASE tx")
             except BaseException:
-                connection.rollback()
+                _undo_savepoint(connection, group)
                 raise
-            try:
-                await asyncio.to_thread(connection.commit)
-            except BaseException:
-                if connection.in_transaction:
-                    connection.rollback()
-                raise
+        finally:
+            await self._leave_group(connection, group)
+        await group.durable()
+
+    async def _join_group(self, connection: sqlite3.Connection) -> _Group:
+        self._writers_waiting += 1
+        try:
+            await self._write_lock.acquire()
+        except asyncio.CancelledError:
+            self._writers_waiting -= 1
+            self._commit_if_orphaned()
+            raise
+        self._writers_waiting -= 1
+        try:
+            if self._group is None:
+                await self._begin_immediate(connection)
+                self._group = _Group()
+        except BaseException:
+            self._write_lock.release()
+            self._commit_if_orphaned()
+            raise
+        self._group.size += 1
+        return self._group
+
+    async def _leave_group(self, connection: sqlite3.Connection, group: _Group) -> None:
+        """Hand the open transaction to the next queued writer, or commit it."""
+        if self._writers_waiting and not group.lost and group.size < SQLITE_GROUP_COMMIT_MAX:
+            self._write_lock.release()
+            return
+        self._group = None
+        try:
+            await group.commit(connection)
+        finally:
+            self._write_lock.release()
+
+    def _commit_if_orphaned(self) -> None:
+        """A queued writer was cancelled: if the open group was waiting for it, commit the
+        group from a task of its own (an empty write joins it and commits it)."""
+        if self._group is not None and not self._writers_waiting and \
+                not self._write_lock.locked():
+            task = asyncio.get_running_loop().create_task(self._close_group())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _close_group(self) -> None:
+        async with self._sqlite_write():
+            pass
 
     @staticmethod
     async def _begin_immediate(connection: sqlite3.Connection) -> None:

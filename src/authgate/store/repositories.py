@@ -309,12 +309,7 @@ class SessionRepo(_Repo):
             select(t.sessions, t.users).join(t.users, t.users.c.id == t.sessions.c.user_id)
             .where(t.sessions.c.id == bindparam("id"))))
         row = (await self.conn.execute(query, {"id": session_id})).first()
-        if row is None:
-            return None
-        width = len(t.sessions.c)
-        session = m.Session(**{c.name: v for c, v in zip(t.sessions.c, row[:width])})
-        user = m.User(**{c.name: v for c, v in zip(t.users.c, row[width:])})
-        return session, user
+        return _session_and_user(row) if row is not None else None
 
     async def set_organisation(self, session_id: str, organisation_id: str | None) -> None:
         await self._set(t.sessions.c.id == session_id, organisation_id=organisation_id)
@@ -367,6 +362,98 @@ class RefreshTokenRepo(_Repo):
                            successor_enc: bytes) -> bool:
         return await self._cas("id", token_id, unset=("rotated_at",), rotated_at=at,
                                successor_id=successor_id, successor_enc=successor_enc) == 1
+
+    async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
+                          successor_id: str, successor_hash: str, successor_expires_at: datetime,
+                          successor_enc: bytes, touch_before: datetime,
+                          event: m.AuditEvent) -> tuple[m.Session, m.User] | None:
+        """PostgreSQL: one statement (a guarded UPDATE and the writes that follow it as
+        data-modifying CTEs), so one round trip in autocommit. Elsewhere: one guarded read,
+        then the writes, inside the caller's write transaction."""
+        params = {"token_hash": token_hash, "realm_id": realm_id, "now": now,
+                  "user_status": "active", "successor_id": successor_id,
+                  "successor_hash": successor_hash, "successor_expires_at": successor_expires_at,
+                  "successor_enc": successor_enc, "touch_before": touch_before,
+                  "event_type": event.type, "organisation_id": event.organisation_id,
+                  "ip": event.ip, "user_agent": event.user_agent, "data": event.data}
+        if self.conn.dialect.name == "postgresql":
+            statement = _statement(("rotate_live", "postgresql"), _rotate_live_cte)
+            row = (await self.conn.execute(statement, params)).first()
+            return _session_and_user(row[1:]) if row is not None else None
+        statement = _statement(("rotate_live", "read"), lambda: (
+            select(t.refresh_tokens.c.id, t.sessions, t.users)
+            .select_from(t.refresh_tokens).where(_live_token())))
+        row = (await self.conn.execute(statement, params)).first()
+        if row is None:
+            return None
+        token_id, (session, user) = row[0], _session_and_user(row[1:])
+        await self.add(m.RefreshToken(
+            id=successor_id, session_id=session.id, token_hash=successor_hash, created_at=now,
+            expires_at=min(successor_expires_at, session.expires_at), parent_id=token_id))
+        if not await self.mark_rotated(token_id, now, successor_id, successor_enc):
+            raise Conflict("refresh token rotated concurrently")  # the write lock prevents it
+        if session.last_used_at < touch_before:
+            await SessionRepo(self.conn).touch(session.id, now)
+        event.user_id, event.session_id = user.id, session.id
+        await AuditRepo(self.conn).add(event)
+        return session, user
+
+
+def _live_token() -> Any:
+    """The refresh token named by ``token_hash`` is live: not rotated, not expired, its session
+    in ``realm_id`` neither revoked nor expired, its user active."""
+    rt, s, u = t.refresh_tokens.c, t.sessions.c, t.users.c
+    now = bindparam("now", type_=t.UTCDateTime())
+    return and_(rt.token_hash == bindparam("token_hash"), rt.rotated_at.is_(None),
+                rt.expires_at > now, s.id == rt.session_id, s.realm_id == bindparam("realm_id"),
+                s.revoked_at.is_(None), s.expires_at > now, u.id == s.user_id,
+                u.status == bindparam("user_status"))
+
+
+def _rotate_live_cte() -> Any:
+    """``RefreshTokenRepo.rotate_live`` as one PostgreSQL statement. Every part runs on the
+    same snapshot; the guarded UPDATE locks the token row, so of two concurrent rotations of
+    one token the second finds it rotated and changes nothing."""
+    rt, s, u, a = t.refresh_tokens, t.sessions, t.users, t.audit_events
+
+    def param(name: str, column: Any) -> Any:
+        return bindparam(name, type_=column.type)
+
+    now = param("now", rt.c.created_at)
+    rotated = (
+        update(rt).where(_live_token())
+        .values(rotated_at=now, successor_id=bindparam("successor_id"),
+                successor_enc=bindparam("successor_enc"))
+        .returning(rt.c.id.label("token_id"), *(c.label(f"s_{c.name}") for c in s.c),
+                   *(c.label(f"u_{c.name}") for c in u.c))
+        .cte("rotated"))
+    successor = insert(rt).from_select(
+        ["id", "session_id", "token_hash", "parent_id", "created_at", "expires_at"],
+        select(param("successor_id", rt.c.id), rotated.c.s_id,
+               param("successor_hash", rt.c.token_hash), rotated.c.token_id, now,
+               func.least(param("successor_expires_at", rt.c.expires_at),
+                          rotated.c.s_expires_at, type_=rt.c.expires_at.type)),
+    ).cte("successor")
+    touched = (update(s).where(s.c.id == rotated.c.s_id,
+                               s.c.last_used_at < param("touch_before", s.c.last_used_at))
+               .values(last_used_at=now).cte("touched"))
+    audited = insert(a).from_select(
+        ["realm_id", "at", "type", "user_id", "session_id", "organisation_id", "ip",
+         "user_agent", "data"],
+        select(param("realm_id", a.c.realm_id), now, param("event_type", a.c.type),
+               rotated.c.u_id, rotated.c.s_id, param("organisation_id", a.c.organisation_id),
+               param("ip", a.c.ip), param("user_agent", a.c.user_agent),
+               param("data", a.c.data)),
+    ).cte("audited")
+    return select(*rotated.c).add_cte(successor, touched, audited)
+
+
+def _session_and_user(values: Sequence[Any]) -> tuple[m.Session, m.User]:
+    """A session and its user from one row holding their columns in table order."""
+    width = len(t.sessions.c)
+    session = m.Session(**{c.name: v for c, v in zip(t.sessions.c, values[:width])})
+    user = m.User(**{c.name: v for c, v in zip(t.users.c, values[width:])})
+    return session, user
 
 
 class SigningKeyRepo(_Repo):
