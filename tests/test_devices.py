@@ -130,7 +130,7 @@ async def test_remembered_device_keeps_its_owner_out_of_strangers_lockout(core, 
         await core.signin.password(realm, user.email, PASSWORD, ClientInfo())
     assert locked.value.code is ErrorCode.TOO_MANY_ATTEMPTS
     owner = ClientInfo(device_key=device.device_key)
-    assert (await core.signin.password(realm, user.email, PASSWORD, owner)).id == user.id
+    assert (await core.signin.password(realm, user.email, PASSWORD, owner)).user.id == user.id
 
 
 async def test_reauthentication_token_expires_after_thirty_days(core, realm, user):

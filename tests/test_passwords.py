@@ -105,11 +105,11 @@ async def test_an_imported_bcrypt_user_signs_in_and_is_rehashed_to_argon2id(core
     ])
     assert report.created == 1
     assert [n for n, _ in report.failed] == [2, 3]
-    user = await core.signin.password(realm, "imported@example.com", SECRET)
+    user = (await core.signin.password(realm, "imported@example.com", SECRET)).user
     async with core.store.transaction() as tx:
         [credential] = await tx.credentials.for_user(user.id, "password")
     assert credential.secret.startswith("$argon2id$")
-    assert (await core.signin.password(realm, "imported@example.com", SECRET)).id == user.id
+    assert (await core.signin.password(realm, "imported@example.com", SECRET)).user.id == user.id
     events = [e.type for e in await core.audit.recent(realm.id, user_id=user.id)]
     assert "user.password_rehashed" in events
 

@@ -9,6 +9,7 @@ import pytest
 
 from authgate.core.engine import Core
 from authgate.core.models import (
+    Credential,
     OutboxMail,
     Realm,
     RefreshToken,
@@ -323,3 +324,71 @@ async def test_of_concurrent_live_rotations_of_one_token_one_wins(core: Core, re
     async with core.store.transaction() as tx:
         parent = await tx.refresh_tokens.get(token.id)
     assert parent is not None and parent.successor_id == winners[0]
+
+
+async def test_a_sign_in_reads_the_user_with_its_password_and_totp_only(core: Core,
+                                                                        realm: Realm):
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    kinds = ["password", "totp", "recovery_code", "recovery_code"]
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+        for kind in kinds:
+            await tx.credentials.add(Credential(id=new_id(), user_id=user.id, kind=kind,
+                                                secret=f"{kind}-secret"))
+    async with core.store.transaction() as tx:
+        found = await tx.users.for_sign_in(realm.id, user.email.upper())
+    assert found is not None
+    assert found[0].id == user.id
+    assert sorted(c.kind for c in found[1]) == ["password", "totp"]
+    bare = a_user(realm, email=f"{new_id()}@example.com")  # no credentials at all
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(bare)
+    async with core.store.transaction() as tx:
+        assert await tx.users.for_sign_in(realm.id, bare.email) == (bare, [])
+        assert await tx.users.for_sign_in(realm.id, "nobody@example.com") is None
+
+
+async def test_throttle_counters_are_read_together(core: Core):
+    now = utcnow()
+    keys = [f"test:{new_id()}" for _ in range(3)]
+    async with core.store.transaction(write=True) as tx:
+        for key in keys[:2]:
+            await tx.throttle.save(ThrottleState(key=key, failures=1, window_started_at=now))
+    async with core.store.transaction() as tx:
+        assert sorted(s.key for s in await tx.throttle.get_many(keys)) == sorted(keys[:2])
+        assert await tx.throttle.get_many([keys[2]]) == []
+        assert await tx.throttle.get_many([]) == []
+
+
+async def test_opening_a_session_writes_it_its_token_the_sign_in_and_the_event_at_once(
+        core: Core, realm: Realm):
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+    session = a_session(realm, user)
+    token = RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(new_token()),
+                         created_at=session.created_at, expires_at=session.expires_at)
+    event = core.audit.event("session.signed_in", realm_id=realm.id, user_id=user.id,
+                             session_id=session.id, amr=["pwd"])
+    async with core.store.transaction(write=True, single=True) as tx:
+        await tx.sessions.open(session, token, event)
+    async with core.store.transaction() as tx:
+        assert await tx.sessions.get(session.id) == session
+        assert await tx.refresh_tokens.by_hash(token.token_hash) == token
+        stored_user = await tx.users.get(user.id)
+        events = await tx.audit.recent(realm.id, user_id=user.id)
+    assert stored_user is not None and stored_user.last_sign_in_at == session.created_at
+    assert [(e.type, e.session_id, e.data) for e in events] == [
+        ("session.signed_in", session.id, {"amr": ["pwd"]})]
+
+    # A conflict (the same token hash again) leaves nothing of the second session behind.
+    again = a_session(realm, user)
+    clash = RefreshToken(id=new_id(), session_id=again.id, token_hash=token.token_hash,
+                         created_at=again.created_at, expires_at=again.expires_at)
+    with pytest.raises(Conflict):
+        async with core.store.transaction(write=True, single=True) as tx:
+            await tx.sessions.open(again, clash, core.audit.event(
+                "session.signed_in", realm_id=realm.id, user_id=user.id, session_id=again.id))
+    async with core.store.transaction() as tx:
+        assert await tx.sessions.get(again.id) is None
+        assert len(await tx.audit.recent(realm.id, user_id=user.id)) == 1

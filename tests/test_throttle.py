@@ -48,14 +48,15 @@ async def test_failures_from_one_address_throttle_every_login_id_from_it(strict:
         await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="198.51.100.7"))
     assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS and raised.value.retry_after >= 1
     # Another address is not affected.
-    user = await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="198.51.100.8"))
+    other = ClientInfo(ip="198.51.100.8")
+    user = (await strict.signin.password(realm, email, PASSWORD, other)).user
     assert user.email == email
 
 
 async def test_a_remembered_device_is_not_locked_out_by_strangers(strict: Core, realm: Realm):
     email = unique_email()
     await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
-    user = await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="203.0.113.1"))
+    user = (await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="203.0.113.1"))).user
     device = (await strict.devices.sighting(realm, user, None)).device
     for n in range(2):  # strangers, from many addresses, lock the login id itself
         await _fail(strict, realm, email, f"192.0.2.{n}")
@@ -64,7 +65,7 @@ async def test_a_remembered_device_is_not_locked_out_by_strangers(strict: Core, 
     assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS
     # The owner, on the device they used before, still gets in.
     owner = ClientInfo(ip="203.0.113.1", device_key=device.device_key)
-    assert (await strict.signin.password(realm, email, PASSWORD, owner)).id == user.id
+    assert (await strict.signin.password(realm, email, PASSWORD, owner)).user.id == user.id
 
 
 async def test_tokens_of_a_key_withdrawn_from_the_jwks_are_refused(core: Core, realm: Realm):

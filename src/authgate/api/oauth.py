@@ -57,13 +57,13 @@ async def token(request: Request, realm: Realm = Depends(get_realm)) -> Response
                                 max_length=core.settings.password_max_length)
         assert username is not None and password is not None
         scope = _scope(form)
-        user = await core.signin.password(realm, username, password, client)
         # A user with TOTP must send ``mfa_code`` too (a TOTP or a recovery code); without it
         # the answer is 401 ``mfa_required``, and the client repeats the grant with the code.
-        amr = await core.totp.second_factor(
-            realm, user, string_field(form, "mfa_code", max_length=64), client=client)
+        signed_in = await core.signin.password(
+            realm, username, password, client,
+            mfa_code=string_field(form, "mfa_code", max_length=64))
         tokens = await core.sessions.start(
-            realm, user, amr=amr, client=client, client_id=client_id,
+            realm, signed_in.user, amr=signed_in.amr, client=client, client_id=client_id,
             nonce=string_field(form, "nonce", max_length=500),
             with_id_token="openid" in scope.split(), scope=scope)
         return token_response(tokens, tokens.scope)

@@ -103,7 +103,7 @@ class Challenges:
                     client: ClientInfo | None = None) -> AccountChoice:
         client = client or ClientInfo()
         try:
-            user = await self.core.signin.password(realm, login_id, password, client)
+            user = (await self.core.signin.password(realm, login_id, password, client)).user
         except AuthError as exc:
             if exc.code in (ErrorCode.INVALID_CREDENTIALS, ErrorCode.WRONG_PASSWORD):
                 await self._count_password_failure(realm, login_id, client)

@@ -86,26 +86,25 @@ class Sessions:
             ip=client.ip, user_agent=(client.user_agent or "")[:512] or None,
             scope=normalise_scope(scope),
         )
-        raw, token = self._new_refresh(session, parent_id=None)
+        raw, token = self._new_refresh(session)
         user.last_sign_in_at = now
-        async with self.core.store.transaction(write=True) as tx:
-            await tx.sessions.add(session)
-            await tx.refresh_tokens.add(token)
-            await tx.users.touch_sign_in(user.id, now)
-            await self.core.audit.record(tx, events.SIGN_IN, realm_id=realm.id, user_id=user.id,
-                                         session_id=session.id, organisation_id=organisation_id,
-                                         client=client, amr=session.amr)
+        event = self.core.audit.event(events.SIGN_IN, realm_id=realm.id, user_id=user.id,
+                                      session_id=session.id, organisation_id=organisation_id,
+                                      client=client, amr=session.amr)
+        async with self.core.store.transaction(write=True, single=True) as tx:
+            await tx.sessions.open(session, token, event)
+        self.core.audit.counted(event)
         return await self._tokens(realm, user, session, raw, nonce=nonce,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
                                   access_ttl=access_ttl)
 
-    def _new_refresh(self, session: Session, parent_id: str | None) -> tuple[str, RefreshToken]:
+    def _new_refresh(self, session: Session) -> tuple[str, RefreshToken]:
+        """A session's first refresh token (successors come from ``_rotate_in``)."""
         raw = new_token(32)
         now = self.core.now()
         ttl = timedelta(seconds=self.core.settings.refresh_token_ttl)
         return raw, RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(raw),
-                                 created_at=now, expires_at=min(now + ttl, session.expires_at),
-                                 parent_id=parent_id)
+                                 created_at=now, expires_at=min(now + ttl, session.expires_at))
 
     # Tokens.
 

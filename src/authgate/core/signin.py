@@ -3,11 +3,13 @@
 An unknown login id and a wrong password do the same work (a dummy Argon2id verification) and
 get the same answer unless the realm's ``reveal_unknown_users`` allows telling them apart.
 Attempts are throttled per login id and per client address; an imported hash is replaced by an
-Argon2id hash on the first successful sign-in.
+Argon2id hash on the first successful sign-in. A user with TOTP enabled must give a code with
+the password, on every surface: one that cannot ask for it cannot sign such a user in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from authgate.core import audit as events
@@ -17,6 +19,14 @@ from authgate.core.throttle import ThrottleKey
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
+
+
+@dataclass(slots=True)
+class SignedIn:
+    """A verified user, and how (``amr``: the password, and the second factor if any)."""
+
+    user: User
+    amr: list[str]
 
 
 class SignIn:
@@ -36,15 +46,19 @@ class SignIn:
         return keys
 
     async def password(self, realm: Realm, login_id: str, password: str,
-                       client: ClientInfo | None = None) -> User:
-        """Return the user whose login id and password these are, or raise AuthError."""
+                       client: ClientInfo | None = None, *,
+                       mfa_code: str | None = None) -> SignedIn:
+        """The user whose login id and password these are, or AuthError. A user with TOTP
+        enabled must give ``mfa_code`` too (a TOTP or a recovery code): without it the answer
+        is MFA_REQUIRED, told only to someone who knows the password."""
         client = client or ClientInfo()
         if not login_id or not password or len(password) > self.core.settings.password_max_length:
             # Oversized passwords are refused before any hashing (a cheap denial of service).
             raise AuthError(ErrorCode.INVALID_CREDENTIALS)
         async with self.core.store.transaction() as tx:
-            user = await tx.users.by_login_id(realm.id, login_id)
-            creds = await tx.credentials.for_user(user.id, "password") if user else []
+            found = await tx.users.for_sign_in(realm.id, login_id)
+        user, credentials = found if found is not None else (None, [])
+        creds = [c for c in credentials if c.kind == "password"]
         keys = await self._throttle_keys(realm, login_id, user, client)
         try:
             counted = await self.core.throttle.check(keys)
@@ -75,7 +89,10 @@ class SignIn:
         if user.status != "active":
             # Told only to someone who knows the password.
             raise AuthError(ErrorCode.USER_DISABLED)
-        return user
+        totp = any(c.kind == "totp" and c.confirmed for c in credentials)
+        amr = await self.core.totp.second_factor(realm, user, mfa_code, client=client,
+                                                 enabled=totp)
+        return SignedIn(user, amr)
 
     async def _fail(self, realm: Realm, keys: list[ThrottleKey], login_id: str,
                     user: User | None, reason: ErrorCode, client: ClientInfo) -> None:

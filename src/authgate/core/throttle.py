@@ -56,13 +56,11 @@ class Throttle:
         wait = 0.0
         counted = set()
         async with self.core.store.transaction() as tx:
-            for key in keys:
-                state = await tx.throttle.get(key.key)
-                if state is None:
-                    continue
-                counted.add(key.key)
-                if state.blocked_until and state.blocked_until > now:
-                    wait = max(wait, (state.blocked_until - now).total_seconds())
+            states = await tx.throttle.get_many([key.key for key in keys])
+        for state in states:
+            counted.add(state.key)
+            if state.blocked_until and state.blocked_until > now:
+                wait = max(wait, (state.blocked_until - now).total_seconds())
         if wait > 0:
             raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS, retry_after=max(1, math.ceil(wait)))
         return counted

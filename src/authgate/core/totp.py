@@ -193,10 +193,12 @@ class Totp:
     # Verification.
 
     async def second_factor(self, realm: Realm, user: User, code: str | None, *,
-                            client: ClientInfo | None = None) -> list[str]:
+                            client: ClientInfo | None = None,
+                            enabled: bool | None = None) -> list[str]:
         """The sign-in rule: a user with TOTP enabled must give a code. Returns the
-        authentication methods (``amr``) of the whole sign-in."""
-        if not await self.is_enabled(user):
+        authentication methods (``amr``) of the whole sign-in. ``enabled`` says whether TOTP
+        is enabled, when the caller has already read it."""
+        if not (await self.is_enabled(user) if enabled is None else enabled):
             return ["pwd"]
         if not code:
             raise AuthError(ErrorCode.MFA_REQUIRED, details={"methods": ["otp"]})

@@ -89,6 +89,9 @@ class ClassroomSurface(Surface):
             field, message = FIELD_ERRORS[error.code]
             return unprocessable({field: [message]})
         status, message = CLASSROOM_ERRORS.get(error.code, (400, error.message))
+        if error.code is ErrorCode.MFA_REQUIRED and "otp" in error.details.get("methods", ()):
+            # The account has TOTP, which this sign-in has no step to ask for.
+            message = "The account requires an authenticator app code."
         body: dict[str, Any] = {"status_code": status, "message": message}
         if error.code is ErrorCode.ACCOUNT_LOCKED:
             body["isLocked"] = 1

@@ -454,7 +454,7 @@ async def password_signin(request: Request) -> Response:
     password = _required(body, "password", max_length=core.settings.password_max_length)
     string_field(body, "ssoAppId", max_length=200)  # accepted, not used (no SSO apps)
     options = await _login_options(request, realm, token, body)  # before any password work
-    user = await core.signin.password(realm, login_id, password, client_info(request))
+    user = (await core.signin.password(realm, login_id, password, client_info(request))).user
     return await _start(request, realm, user, options, first_seen=user.last_sign_in_at is None)
 
 
@@ -467,7 +467,7 @@ async def password_replace(request: Request) -> Response:
     old = _required(body, "oldPassword", max_length=core.settings.password_max_length)
     new = _required(body, "newPassword", max_length=core.settings.password_max_length)
     client = client_info(request)
-    user = await core.signin.password(realm, login_id, old, client)
+    user = (await core.signin.password(realm, login_id, old, client)).user
     await core.users.set_password(realm, user.id, new, client=client)
     tokens = await core.sessions.start(realm, user, amr=["pwd"], client=client,
                                        with_id_token=False)

@@ -168,14 +168,13 @@ async def sign_in(request: Request) -> Response:
     user_name, password = _credentials(body, core)
     # isMobile, inviteCode and referer are accepted and have no effect.
     client = client_info(request, device_key=_device_key(request, body))
-    user = await core.signin.password(realm, user_name, password, client)
     try:
-        amr = await core.totp.second_factor(realm, user, None, client=client)
+        signed_in = await core.signin.password(realm, user_name, password, client)
     except AuthError as exc:
         if exc.code is not ErrorCode.MFA_REQUIRED:
             raise
         return JSONResponse({"isMFAEnabled": True}, headers=NO_STORE)
-    return await _signed_in(request, realm, user, amr, client, body)
+    return await _signed_in(request, realm, signed_in.user, signed_in.amr, client, body)
 
 
 @router.post("/v1/iam/auth/sign-in/web/mfa-signin", summary="Web sign-in with a TOTP code")
@@ -186,9 +185,8 @@ async def mfa_sign_in(request: Request) -> Response:
     user_name, password = _credentials(body, core)
     code = string_field(body, "mfaCode", required=True, max_length=64)
     client = client_info(request, device_key=_device_key(request, body))
-    user = await core.signin.password(realm, user_name, password, client)
-    amr = await core.totp.second_factor(realm, user, code, client=client)
-    return await _signed_in(request, realm, user, amr, client, body)
+    signed_in = await core.signin.password(realm, user_name, password, client, mfa_code=code)
+    return await _signed_in(request, realm, signed_in.user, signed_in.amr, client, body)
 
 
 async def _refresh(request: Request) -> Response:

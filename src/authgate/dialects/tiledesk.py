@@ -130,6 +130,9 @@ SIMPLE: dict[ErrorCode, tuple[int, dict[str, Any]]] = {
                                                  "password."}),
     ErrorCode.USER_DISABLED: (401, {"msg": "Authentication failed. User not active."}),
     ErrorCode.ACCOUNT_LOCKED: (401, {"msg": "Authentication failed. Account locked."}),
+    # Tiledesk has no second factor to ask for: an account with TOTP cannot sign in here.
+    ErrorCode.MFA_REQUIRED: (401, {"msg": "Authentication failed. The account requires a "
+                                          "second factor."}),
     ErrorCode.USER_ALREADY_EXISTS: (403, {"message": "Email already registered"}),
     ErrorCode.MEMBERSHIP_INACTIVE: (401, {"msg": "Authentication failed. Project_user not "
                                                  "active."}),
@@ -305,8 +308,10 @@ async def signin(request: Request) -> Response:
     password = checks.not_empty("password", _core(request).settings.password_max_length)
     checks.done()
     assert email is not None and password is not None
-    user = await _core(request).signin.password(realm, email, password, client_info(request))
-    token = await _token(request, realm, user, subject="user", amr=["pwd"],
+    signed_in = await _core(request).signin.password(realm, email, password,
+                                                     client_info(request))
+    user = signed_in.user
+    token = await _token(request, realm, user, subject="user", amr=signed_in.amr,
                          claims=user_json(user))
     return _ok({"success": True, "token": token, "user": user_json(user)})
 

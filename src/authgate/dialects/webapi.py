@@ -174,8 +174,9 @@ async def login(request: Request) -> Response:
     mfa_code = _text(body, "mfaCode", max_length=64)
     assert user_name is not None and password is not None
     client = client_info(request)
-    user = await core.signin.password(realm, user_name, password, client)
-    amr = await core.totp.second_factor(realm, user, mfa_code, client=client)
+    signed_in = await core.signin.password(realm, user_name, password, client,
+                                           mfa_code=mfa_code)
+    user, amr = signed_in.user, signed_in.amr
     device: Device | None = None
     reauth_token: str | None = None
     if device_name:

@@ -187,6 +187,30 @@ class UserRepo(_Repo):
                                                "value": normalise_login_id(login_id)})).first()
         return _record(m.User, row) if row is not None else None
 
+    async def for_sign_in(self, realm_id: str,
+                          login_id: str) -> tuple[m.User, list[m.Credential]] | None:
+        c = t.credentials.c
+        query = _statement(("users_for_sign_in",), lambda: (
+            select(t.users, t.credentials)
+            .join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
+            .outerjoin(t.credentials, and_(
+                c.user_id == t.users.c.id,
+                or_(c.kind == bindparam("password"), c.kind == bindparam("totp"))))
+            .where(t.login_ids.c.realm_id == bindparam("realm_id"),
+                   t.login_ids.c.value == bindparam("value"))
+            .order_by(c.created_at)))
+        rows = list(await self.conn.execute(query, {
+            "realm_id": realm_id, "value": normalise_login_id(login_id),
+            "password": "password", "totp": "totp"}))
+        if not rows:
+            return None
+        width = len(t.users.c)
+        user = m.User(**{col.name: v for col, v in zip(t.users.c, rows[0][:width])})
+        credentials = [m.Credential(**{col.name: v for col, v in zip(t.credentials.c,
+                                                                     row[width:])})
+                       for row in rows if row[width] is not None]
+        return user, credentials
+
     async def by_external_id(self, realm_id: str, external_id: str) -> m.User | None:
         return await self._get(realm_id=realm_id, external_id=external_id)
 
@@ -289,6 +313,23 @@ class SessionRepo(_Repo):
 
     async def add(self, session: m.Session) -> None:
         await self._insert(session)
+
+    async def open(self, session: m.Session, token: m.RefreshToken,
+                   event: m.AuditEvent) -> None:
+        """PostgreSQL: one statement (each write a data-modifying CTE), so one round trip in
+        autocommit. Elsewhere: the writes one by one, in the caller's write transaction."""
+        if self.conn.dialect.name != "postgresql":
+            await self.add(session)
+            await RefreshTokenRepo(self.conn).add(token)
+            await UserRepo(self.conn).touch_sign_in(session.user_id, session.created_at)
+            await AuditRepo(self.conn).add(event)
+            return
+        params = {**_params(_values(session), "s_"), **_params(_values(token), "r_"),
+                  **_params(_values(event, skip=("id",)), "e_")}
+        try:
+            await self.conn.execute(_statement(("open_session",), _open_session_cte), params)
+        except IntegrityError as exc:
+            raise Conflict(str(exc.orig)) from None
 
     async def get(self, session_id: str) -> m.Session | None:
         return await self._get(id=session_id)
@@ -446,6 +487,21 @@ def _rotate_live_cte() -> Any:
                param("data", a.c.data)),
     ).cte("audited")
     return select(*rotated.c).add_cte(successor, touched, audited)
+
+
+def _open_session_cte() -> Any:
+    """``SessionRepo.open`` as one PostgreSQL statement. Foreign keys are checked at the end of
+    the statement, when the session row the token refers to exists."""
+    def values(table: Table, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {c.name: bindparam(prefix + c.name, type_=c.type)
+                for c in table.c if c.name not in skip}
+
+    session = insert(t.sessions).values(values(t.sessions, "s_")).cte("opened")
+    token = insert(t.refresh_tokens).values(values(t.refresh_tokens, "r_")).cte("first_token")
+    user = (update(t.users).where(t.users.c.id == bindparam("s_user_id"))
+            .values(last_sign_in_at=bindparam("s_created_at")).cte("signed_in"))
+    return (insert(t.audit_events).values(values(t.audit_events, "e_", skip=("id",)))
+            .add_cte(session, token, user))
 
 
 def _session_and_user(values: Sequence[Any]) -> tuple[m.Session, m.User]:
@@ -670,6 +726,16 @@ class ThrottleRepo(_Repo):
 
     async def get(self, key: str) -> m.ThrottleState | None:
         return await self._get(key=key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[m.ThrottleState]:
+        if not keys:
+            return []
+        c = t.throttle_counters.c
+        statement = _statement(("throttle_many", len(keys)), lambda: select(
+            t.throttle_counters).where(or_(*(c.key == bindparam(f"k{i}")
+                                            for i in range(len(keys))))))
+        rows = await self.conn.execute(statement, {f"k{i}": key for i, key in enumerate(keys)})
+        return [_record(m.ThrottleState, row) for row in rows]
 
     async def save(self, state: m.ThrottleState) -> None:
         """Upsert: two nodes may record the first failure of a key at the same moment."""
