@@ -122,17 +122,19 @@ class Server:
         self.env.pop("AUTHGATE_CONFIG", None)
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = workers
+        self.log = data_dir / "server.log"
 
     def start(self) -> None:
         # Migrate and create the realm once, before the workers race to do it.
         subprocess.run([sys.executable, "-m", "authgate", "migrate"], env=self.env, check=True,
                        capture_output=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning",
-             "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
+        # The server's log goes to a file: a pipe nobody reads would stall it once full.
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", str(self.workers), "--log-level",
+                 "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -140,7 +142,7 @@ class Server:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
-        raise RuntimeError("the server did not become ready")
+        raise RuntimeError("the server did not become ready:\n" + self.log.read_text()[-2000:])
 
     def stop(self) -> None:
         if self.process is not None:

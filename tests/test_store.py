@@ -392,3 +392,26 @@ async def test_opening_a_session_writes_it_its_token_the_sign_in_and_the_event_a
     async with core.store.transaction() as tx:
         assert await tx.sessions.get(again.id) is None
         assert len(await tx.audit.recent(realm.id, user_id=user.id)) == 1
+
+
+def test_sqlite_datetimes_keep_sqlalchemys_text_format():
+    """Rows written by SQLAlchemy's own SQLite processors (before Authgate had its own) read
+    back alike and compare correctly in SQL against new ones."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.dialects.sqlite import DATETIME
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+    dialect = SQLiteDialect_pysqlite()
+    ours = t.UTCDateTime().dialect_impl(dialect)
+    write, read = ours.bind_processor(dialect), ours.result_processor(dialect, None)
+    theirs = DATETIME().bind_processor(dialect)
+    for moment in (datetime(2026, 11, 23, 9, 5, 7, 0, tzinfo=UTC),
+                   datetime(2026, 1, 2, 3, 4, 5, 600, tzinfo=UTC),
+                   datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)):
+        stored = write(moment)
+        assert stored == theirs(moment.replace(tzinfo=None))
+        assert read(stored) == moment and read(stored).tzinfo is UTC
+    assert read("2026-11-23 09:05:07") == datetime(2026, 11, 23, 9, 5, 7, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        write(datetime(2026, 11, 23))  # naive

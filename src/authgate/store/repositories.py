@@ -30,6 +30,16 @@ def _record(cls: type[R], row: Any) -> R:
     return cls(**dict(row._mapping))
 
 
+def _loader(table: Table, cls: type[R]) -> Any:
+    """A function from a row of ``table``'s columns, in table order, to a ``cls``: by position
+    (the fields need not be in column order), cheaper than by keyword."""
+    names = [c.name for c in table.c]
+    order = [names.index(f.name) for f in fields(cls)]  # type: ignore[arg-type]
+    if sorted(order) != list(range(len(names))):
+        raise TypeError(f"{cls.__name__} does not match the columns of {table.name}")
+    return lambda values: cls(*[values[i] for i in order])
+
+
 def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
 
@@ -205,11 +215,8 @@ class UserRepo(_Repo):
         if not rows:
             return None
         width = len(t.users.c)
-        user = m.User(**{col.name: v for col, v in zip(t.users.c, rows[0][:width])})
-        credentials = [m.Credential(**{col.name: v for col, v in zip(t.credentials.c,
-                                                                     row[width:])})
-                       for row in rows if row[width] is not None]
-        return user, credentials
+        return _USER(rows[0][:width]), [_CREDENTIAL(row[width:]) for row in rows
+                                        if row[width] is not None]
 
     async def by_external_id(self, realm_id: str, external_id: str) -> m.User | None:
         return await self._get(realm_id=realm_id, external_id=external_id)
@@ -504,12 +511,14 @@ def _open_session_cte() -> Any:
             .add_cte(session, token, user))
 
 
+_SESSION, _USER = _loader(t.sessions, m.Session), _loader(t.users, m.User)
+_CREDENTIAL = _loader(t.credentials, m.Credential)
+
+
 def _session_and_user(values: Sequence[Any]) -> tuple[m.Session, m.User]:
     """A session and its user from one row holding their columns in table order."""
     width = len(t.sessions.c)
-    session = m.Session(**{c.name: v for c, v in zip(t.sessions.c, values[:width])})
-    user = m.User(**{c.name: v for c, v in zip(t.users.c, values[width:])})
-    return session, user
+    return _SESSION(values[:width]), _USER(values[width:])
 
 
 class SigningKeyRepo(_Repo):
