@@ -9,10 +9,11 @@ Argon2id parameters, then measures in one run, side by side:
   beside a trivial JSON endpoint of the same server (GET /healthz): targets >= 0.35 and >= 0.6;
 - p50/p99 latency of each.
 
-The machines are noisy: only ratios measured in the same run mean anything. Results are appended
+The machines are noisy: only ratios measured in the same run mean anything, so each figure is
+measured beside its baseline in several interleaved rounds and the median ratio is reported. Results are appended
 to bench/RESULTS.md as a markdown table. Needs wrk (Debian: apt-get install wrk).
 
-    python bench/run.py [--duration 10] [--stores sqlite,postgres] [--connections 16]
+    python bench/run.py [--duration 5] [--rounds 3] [--stores sqlite,postgres] [--connections 16]
 """
 
 from __future__ import annotations
@@ -150,20 +151,25 @@ class Server:
             self.process.wait(timeout=30)
 
 
-def signup_and_tokens(base: str, count: int) -> tuple[str, list[str], str]:
-    """Sign a user up; return its e-mail, ``count`` refresh tokens, and one access token."""
+def signup(base: str) -> str:
+    """Sign a user up; return its e-mail."""
     email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
     with httpx.Client(base_url=base, timeout=60) as http:
-        created = http.post("/signup", json={"email": email, "password": PASSWORD})
-        created.raise_for_status()
-        refresh, access = [], ""
+        http.post("/signup", json={"email": email, "password": PASSWORD}).raise_for_status()
+    return email
+
+
+def sign_in(base: str, email: str, count: int) -> tuple[list[str], str]:
+    """``count`` new sessions of the user: their refresh tokens, and one access token."""
+    refresh, access = [], ""
+    with httpx.Client(base_url=base, timeout=60) as http:
         for _ in range(count):
             response = http.post("/oauth/token", data={
                 "grant_type": "password", "username": email, "password": PASSWORD})
             response.raise_for_status()
             refresh.append(response.json()["refresh_token"])
             access = response.json()["access_token"]
-    return email, refresh, access
+    return refresh, access
 
 
 async def create_pg_database() -> tuple[str, str]:
@@ -186,6 +192,8 @@ async def drop_pg_database(name: str) -> None:
 
 
 def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
+    """Every figure and its baseline, in ``args.rounds`` interleaved rounds: each round
+    measures a baseline and its figure back to back, so each ratio compares like with like."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-bench-{store}-"))
     pg_name = None
     if store == "sqlite":
@@ -197,36 +205,40 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
     try:
         seconds, conns = args.duration, args.connections
         threads = min(conns, args.wrk_threads)
-        email, refresh_tokens, access = signup_and_tokens(server.url, conns)
-        results: dict[str, object] = {"store": store}
+        email = signup(server.url)
+        results: dict[str, list[Load]] = {}
+        argon2: list[float] = []
 
-        # Trivial endpoint and userinfo, then refresh chains: all with the same load shape.
-        results["trivial"] = wrk(server.url + "/healthz", seconds=seconds, connections=conns,
-                                 threads=threads)
-        results["userinfo"] = wrk(server.url + "/userinfo", seconds=seconds, connections=conns,
-                                  threads=threads, script=LUA / "bearer.lua",
-                                  env={"AUTHGATE_BENCH_TOKEN": access})
-        token_file = data_dir / "refresh-tokens.txt"
-        token_file.write_text("\n".join(refresh_tokens) + "\n")
-        # One connection per wrk thread, so each thread's Lua state owns one token chain.
-        results["refresh"] = wrk(server.url + "/oauth/token", seconds=seconds,
-                                 connections=conns, threads=conns,
-                                 script=LUA / "refresh.lua",
-                                 env={"AUTHGATE_BENCH_TOKENS": str(token_file)})
-        results["trivial_1conn_per_thread"] = wrk(server.url + "/healthz", seconds=seconds,
-                                                  connections=conns, threads=conns)
+        def add(name: str, load: Load) -> None:
+            results.setdefault(name, []).append(load)
 
-        # Password sign-ins beside the raw Argon2id rate, both saturating the same cores.
-        cores = os.cpu_count() or 2
-        results["argon2_raw"] = argon2_rate(seconds, cores)
-        results["signin"] = wrk(server.url + "/oauth/token", seconds=seconds,
-                                connections=args.signin_connections,
-                                threads=min(args.signin_connections, args.wrk_threads),
-                                script=LUA / "signin.lua",
-                                env={"AUTHGATE_BENCH_EMAIL": email,
-                                     "AUTHGATE_BENCH_PASSWORD": PASSWORD})
-        results["argon2_raw_after"] = argon2_rate(seconds, cores)
-        return results
+        for _ in range(args.rounds):
+            # A new session per connection each round: a rotated chain cannot be replayed.
+            refresh_tokens, access = sign_in(server.url, email, conns)
+            token_file = data_dir / "refresh-tokens.txt"
+            token_file.write_text("\n".join(refresh_tokens) + "\n")
+
+            add("trivial", wrk(server.url + "/healthz", seconds=seconds, connections=conns,
+                               threads=threads))
+            add("userinfo", wrk(server.url + "/userinfo", seconds=seconds, connections=conns,
+                                threads=threads, script=LUA / "bearer.lua",
+                                env={"AUTHGATE_BENCH_TOKEN": access}))
+            # One connection per wrk thread, so each thread's Lua state owns one token chain;
+            # its baseline has the same shape.
+            add("trivial_1conn_per_thread", wrk(server.url + "/healthz", seconds=seconds,
+                                                connections=conns, threads=conns))
+            add("refresh", wrk(server.url + "/oauth/token", seconds=seconds,
+                               connections=conns, threads=conns, script=LUA / "refresh.lua",
+                               env={"AUTHGATE_BENCH_TOKENS": str(token_file)}))
+            # Password sign-ins beside the raw Argon2id rate, both saturating the same cores.
+            argon2.append(argon2_rate(seconds, os.cpu_count() or 2))
+            add("signin", wrk(server.url + "/oauth/token", seconds=seconds,
+                              connections=args.signin_connections,
+                              threads=min(args.signin_connections, args.wrk_threads),
+                              script=LUA / "signin.lua",
+                              env={"AUTHGATE_BENCH_EMAIL": email,
+                                   "AUTHGATE_BENCH_PASSWORD": PASSWORD}))
+        return {"store": store, "loads": results, "argon2": argon2}
     finally:
         server.stop()
         if pg_name:
@@ -252,44 +264,61 @@ def machine() -> str:
             f"{wrk_version.splitlines()[0] if wrk_version else 'wrk'}")
 
 
+FIGURES = [
+    # name, label, baseline, baseline label, target
+    ("userinfo", "userinfo", "trivial", "trivial", 0.6),
+    ("refresh", "refresh rotation", "trivial_1conn_per_thread", "trivial, same shape", 0.35),
+    ("signin", "password sign-in", "argon2", "raw Argon2id", 0.85),
+]
+
+
 def report(all_results: list[dict[str, object]], args: argparse.Namespace) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Run of {now}", "", f"Machine: {machine()}", "",
-             f"Load: wrk, {args.duration}s per figure, {args.connections} connections "
-             f"({args.signin_connections} for sign-ins); server: uvicorn, {args.workers} "
-             f"workers, uvloop + httptools; Argon2id m=19 MiB t=2 p=1.", "",
-             "| store | figure | req/s | p50 ms | p99 ms | errors | baseline (same run) | "
-             "ratio | target |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+             f"Load: wrk, {args.rounds} interleaved rounds of {args.duration}s per figure, "
+             f"{args.connections} connections ({args.signin_connections} for sign-ins); "
+             f"server: uvicorn, {args.workers} workers, uvloop + httptools; Argon2id m=19 MiB "
+             "t=2 p=1. Rates and latencies are medians over the rounds; the ratio is the median "
+             "of the per-round ratios (each figure over its baseline of the same round).", "",
+             "| store | figure | req/s | p50 ms | p99 ms | errors | baseline (same rounds) | "
+             "ratio | per round | target |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
     for result in all_results:
         store = result["store"]
-        trivial: Load = result["trivial"]  # type: ignore[assignment]
-        trivial_1: Load = result["trivial_1conn_per_thread"]  # type: ignore[assignment]
-        raw = statistics.mean([result["argon2_raw"], result["argon2_raw_after"]])  # type: ignore
-        rows = [
-            ("trivial JSON (GET /healthz)", trivial, "-", None, None),
-            ("userinfo", result["userinfo"], f"trivial {trivial.rps:,.0f}/s",
-             result["userinfo"].rps / trivial.rps, 0.6),  # type: ignore[union-attr]
-            ("refresh rotation", result["refresh"],
-             f"trivial, same shape {trivial_1.rps:,.0f}/s",
-             result["refresh"].rps / trivial_1.rps, 0.35),  # type: ignore[union-attr]
-            ("password sign-in", result["signin"], f"raw Argon2id {raw:,.1f}/s",
-             result["signin"].rps / raw, 0.85),  # type: ignore[union-attr]
-        ]
-        for name, load, baseline, ratio, target in rows:
-            lines.append(
-                f"| {store} | {name} | {load.rps:,.1f} | {load.p50_ms:.2f} | {load.p99_ms:.2f} "
-                f"| {load.errors} | {baseline} | "
-                f"{'' if ratio is None else f'{ratio:.2f}'} | "
-                f"{'' if target is None else f'≥ {target}'} |")
+        loads: dict[str, list[Load]] = result["loads"]  # type: ignore[assignment]
+        argon2: list[float] = result["argon2"]  # type: ignore[assignment]
+        baselines = {"trivial": [load.rps for load in loads["trivial"]],
+                     "trivial_1conn_per_thread": [load.rps for load in
+                                                  loads["trivial_1conn_per_thread"]],
+                     "argon2": argon2}
+        trivial = loads["trivial"]
+        lines.append(_row(store, "trivial JSON (GET /healthz)", trivial, "-", [], None))
+        for name, label, baseline, baseline_label, target in FIGURES:
+            rates = baselines[baseline]
+            ratios = [load.rps / rate for load, rate in zip(loads[name], rates)]
+            lines.append(_row(store, label, loads[name],
+                              f"{baseline_label} {statistics.median(rates):,.1f}/s", ratios,
+                              target))
     lines.append("")
     return "\n".join(lines)
+
+
+def _row(store: object, label: str, loads: list[Load], baseline: str, ratios: list[float],
+         target: float | None) -> str:
+    median = statistics.median
+    ratio = f"{median(ratios):.2f}" if ratios else ""
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    return (f"| {store} | {label} | {median(x.rps for x in loads):,.1f} "
+            f"| {median(x.p50_ms for x in loads):.2f} | {median(x.p99_ms for x in loads):.2f} "
+            f"| {sum(x.errors for x in loads)} | {baseline} | {ratio} | {rounds} "
+            f"| {'' if target is None else f'≥ {target}'} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--signin-connections", type=int, default=8)
     parser.add_argument("--wrk-threads", type=int, default=2)
