@@ -40,6 +40,11 @@ async def get_principal_with_user(request: Request,
     return await _principal(request, realm, with_user=True)
 
 
+async def principal_with_user(request: Request, realm: Realm) -> Principal:
+    """``get_principal_with_user`` called directly, for hot endpoints."""
+    return await _principal(request, realm, with_user=True)
+
+
 async def get_admin(request: Request) -> Principal:
     """An administrator: a user of the default realm holding the ``admin`` role."""
     core = get_core(request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from authgate.api.deps import get_core, get_principal_with_user, get_realm
+from authgate.api.deps import get_core, get_realm, principal_with_user
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, JSONResponse
 from authgate.core.models import Realm
@@ -53,11 +53,14 @@ def _userinfo(principal: Principal) -> Response:
     return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
 
 
+# A hot path: the bearer is resolved in the endpoint, not as a nested dependency (each level
+# of FastAPI's dependency solving costs more than the session read).
+
 @router.get("/userinfo", summary="OpenID Connect userinfo")
-async def userinfo(principal: Principal = Depends(get_principal_with_user)) -> Response:
-    return _userinfo(principal)
+async def userinfo(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+    return _userinfo(await principal_with_user(request, realm))
 
 
 @router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
-async def userinfo_post(principal: Principal = Depends(get_principal_with_user)) -> Response:
-    return _userinfo(principal)
+async def userinfo_post(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+    return _userinfo(await principal_with_user(request, realm))

@@ -800,24 +800,44 @@ class HousekeepingRepo:
 
 
 class SqlTx:
-    """One transaction's repositories, all on the same connection."""
+    """One transaction's repositories, all on the same connection, each made on first use (a
+    transaction uses one to three of them)."""
+
+    realms: RealmRepo
+    users: UserRepo
+    credentials: CredentialRepo
+    organisations: OrganisationRepo
+    memberships: MembershipRepo
+    sessions: SessionRepo
+    refresh_tokens: RefreshTokenRepo
+    signing_keys: SigningKeyRepo
+    devices: DeviceRepo
+    reauth_tokens: ReauthTokenRepo
+    api_keys: ApiKeyRepo
+    challenges: ChallengeRepo
+    codes: OneTimeCodeRepo
+    audit: AuditRepo
+    outbox: OutboxRepo
+    throttle: ThrottleRepo
+    housekeeping: HousekeepingRepo
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
-        self.realms = RealmRepo(conn)
-        self.users = UserRepo(conn)
-        self.credentials = CredentialRepo(conn)
-        self.organisations = OrganisationRepo(conn)
-        self.memberships = MembershipRepo(conn)
-        self.sessions = SessionRepo(conn)
-        self.refresh_tokens = RefreshTokenRepo(conn)
-        self.signing_keys = SigningKeyRepo(conn)
-        self.devices = DeviceRepo(conn)
-        self.reauth_tokens = ReauthTokenRepo(conn)
-        self.api_keys = ApiKeyRepo(conn)
-        self.challenges = ChallengeRepo(conn)
-        self.codes = OneTimeCodeRepo(conn)
-        self.audit = AuditRepo(conn)
-        self.outbox = OutboxRepo(conn)
-        self.throttle = ThrottleRepo(conn)
-        self.housekeeping = HousekeepingRepo(conn)
+
+    def __getattr__(self, name: str) -> Any:
+        repo_class = _REPOSITORIES.get(name)
+        if repo_class is None:
+            raise AttributeError(name)
+        repo = repo_class(self.conn)
+        setattr(self, name, repo)
+        return repo
+
+
+_REPOSITORIES: dict[str, type[Any]] = {
+    "realms": RealmRepo, "users": UserRepo, "credentials": CredentialRepo,
+    "organisations": OrganisationRepo, "memberships": MembershipRepo, "sessions": SessionRepo,
+    "refresh_tokens": RefreshTokenRepo, "signing_keys": SigningKeyRepo, "devices": DeviceRepo,
+    "reauth_tokens": ReauthTokenRepo, "api_keys": ApiKeyRepo, "challenges": ChallengeRepo,
+    "codes": OneTimeCodeRepo, "audit": AuditRepo, "outbox": OutboxRepo,
+    "throttle": ThrottleRepo, "housekeeping": HousekeepingRepo,
+}
