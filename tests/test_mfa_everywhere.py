@@ -33,25 +33,18 @@ async def sessions_of(core: Core, realm: Realm, user: User) -> int:
     return len(await core.sessions.list_for_user(realm, user.id))
 
 
-async def test_tiledesk_refuses_the_password_alone(client: httpx.AsyncClient, core: Core,
-                                                   mfa_user: Any) -> None:
+@pytest.mark.parametrize(("path", "field", "refusal"), [
+    ("/tiledesk/v2/auth/signin", "email",
+     {"success": False, "msg": "Authentication failed. The account requires a second factor."}),
+    ("/classroom/auth/sign-in-verify", "identity",
+     {"status_code": 401, "message": "The account requires an authenticator app code."}),
+])
+async def test_surfaces_with_no_field_for_a_code_refuse_the_password_alone(
+        client: httpx.AsyncClient, core: Core, mfa_user: Any, path: str, field: str,
+        refusal: dict[str, Any]) -> None:
     realm, user, _ = mfa_user
-    response = await client.post("/tiledesk/v2/auth/signin",
-                                 json={"email": user.email, "password": PASSWORD})
-    assert response.status_code == 401
-    assert response.json() == {"success": False, "msg": "Authentication failed. The account "
-                                                         "requires a second factor."}
-    assert await sessions_of(core, realm, user) == 0
-
-
-async def test_classroom_refuses_the_password_alone(client: httpx.AsyncClient, core: Core,
-                                                    mfa_user: Any) -> None:
-    realm, user, _ = mfa_user
-    response = await client.post("/classroom/auth/sign-in-verify",
-                                 json={"identity": user.email, "password": PASSWORD})
-    assert response.status_code == 401
-    assert response.json() == {"status_code": 401,
-                               "message": "The account requires an authenticator app code."}
+    response = await client.post(path, json={field: user.email, "password": PASSWORD})
+    assert (response.status_code, response.json()) == (401, refusal)
     assert await sessions_of(core, realm, user) == 0
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from authgate.core import models as m
 from authgate.core.models import normalise_login_id
-from authgate.core.ports import Conflict
+from authgate.core.ports import Conflict, Tx
 from authgate.store import tables as t
 from authgate.store.fastexec import Prebuilt
 
@@ -799,27 +799,9 @@ class HousekeepingRepo:
         return counts
 
 
-class SqlTx:
-    """One transaction's repositories, all on the same connection, each made on first use (a
-    transaction uses one to three of them)."""
-
-    realms: RealmRepo
-    users: UserRepo
-    credentials: CredentialRepo
-    organisations: OrganisationRepo
-    memberships: MembershipRepo
-    sessions: SessionRepo
-    refresh_tokens: RefreshTokenRepo
-    signing_keys: SigningKeyRepo
-    devices: DeviceRepo
-    reauth_tokens: ReauthTokenRepo
-    api_keys: ApiKeyRepo
-    challenges: ChallengeRepo
-    codes: OneTimeCodeRepo
-    audit: AuditRepo
-    outbox: OutboxRepo
-    throttle: ThrottleRepo
-    housekeeping: HousekeepingRepo
+class SqlTx(Tx):
+    """One transaction's repositories (the attributes of ``Tx``), all on the same connection,
+    each made on first use (a transaction uses one to three of them)."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
@@ -833,11 +815,7 @@ class SqlTx:
         return repo
 
 
-_REPOSITORIES: dict[str, type[Any]] = {
-    "realms": RealmRepo, "users": UserRepo, "credentials": CredentialRepo,
-    "organisations": OrganisationRepo, "memberships": MembershipRepo, "sessions": SessionRepo,
-    "refresh_tokens": RefreshTokenRepo, "signing_keys": SigningKeyRepo, "devices": DeviceRepo,
-    "reauth_tokens": ReauthTokenRepo, "api_keys": ApiKeyRepo, "challenges": ChallengeRepo,
-    "codes": OneTimeCodeRepo, "audit": AuditRepo, "outbox": OutboxRepo,
-    "throttle": ThrottleRepo, "housekeeping": HousekeepingRepo,
-}
+# The repository class of each attribute of ``Tx``: the class of this module with the name of
+# the protocol it implements.
+_REPOSITORIES: dict[str, type[Any]] = {name: globals()[kind]
+                                       for name, kind in Tx.__annotations__.items()}
