@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -136,7 +137,7 @@ def _surface_for(request: Request) -> Surface:
     return native
 
 
-def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
+def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     """Build the application. With ``core`` given (tests), the caller owns its lifecycle."""
 
     @asynccontextmanager
@@ -177,7 +178,14 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         app.include_router(router, prefix="/realms/{realm}")
     app.include_router(admin.router)
     app.include_router(admin_organisations.router)
-    mount_dialects(app, settings)
+    dialect_apps = mount_dialects(app, settings)
+    _serve(app, settings)
+    _document_together(app, list(dialect_apps.values()))
+    return SurfaceDispatch(app, dialect_apps)
+
+
+def _serve(app: FastAPI, settings: Settings) -> None:
+    """What every app of the server shares: error handling and the outer middleware."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -198,18 +206,71 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Timing)
-    return app
 
 
-def mount_dialects(app: FastAPI, settings: Settings) -> None:
+def mount_dialects(app: FastAPI, settings: Settings) -> dict[str, FastAPI]:
+    """An app of its own for each dialect, served under its prefix by ``SurfaceDispatch``
+    (sharing the native app's state); a dialect served at the root is also included in the
+    native app."""
+    served: dict[str, FastAPI] = {}
     for name in settings.dialects:
         if name not in dialects.REGISTRY:
             continue
         module: Any = dialects.load(name)
-        app.include_router(module.router, prefix=f"/{name}")
-        app.state.surface_prefixes.append((f"/{name}", module.surface))
+        prefix = f"/{name}"
+        dialect_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        dialect_app.state = app.state
+        dialect_app.include_router(module.router, prefix=prefix)
+        _serve(dialect_app, settings)
+        served[prefix] = dialect_app
+        app.state.surface_prefixes.append((prefix, module.surface))
         if name in settings.dialects_at_root:
             app.include_router(module.router)
         for start in getattr(module, "background", ()):
             app.state.background.append(start)
+    return served
 
+
+def _document_together(app: FastAPI, others: list[FastAPI]) -> None:
+    """One OpenAPI document (``/openapi.json``, ``/docs``) for the native app and the dialects'."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for other in others:
+                part = get_openapi(title=app.title, version=app.version, routes=other.routes)
+                schema["paths"].update(part["paths"])
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                    part.get("components", {}).get("schemas", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class SurfaceDispatch:
+    """The ASGI app servers run. A request under a dialect's prefix goes straight to that
+    dialect's app, everything else to the native app.
+
+    FastAPI matches routes one by one (some 20 k instructions each): in one app holding every
+    surface, each dialect request paid for matching every native route first. Attributes not
+    defined here are the native app's (``state``, ``openapi``, ...)."""
+
+    def __init__(self, native: FastAPI, dialect_apps: dict[str, FastAPI]) -> None:
+        self.native = native
+        self.dialect_apps = dialect_apps
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.dialect_apps:
+            path = scope["path"]
+            root = scope.get("root_path") or ""
+            if root and path.startswith(root):
+                path = path[len(root):]
+            end = path.find("/", 1)
+            target = self.dialect_apps.get(path if end < 0 else path[:end])
+            if target is not None:
+                await target(scope, receive, send)
+                return
+        await self.native(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.native, name)
