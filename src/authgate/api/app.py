@@ -170,18 +170,38 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     app.state.surface_prefixes = []
 
     # Routes are matched in the order they are included, at a few microseconds each: the
-    # health probes (called often, by machines) and the token endpoint come first.
+    # health probes (called often, by machines) and the token endpoint come first. Routes
+    # under a fixed first path segment live in apps of their own, reached by that segment.
     app.include_router(health.router)
-    for router in (oauth.router, oidc.router, account.router, verification.router,
-                   devices.router):
+    per_realm, administration = _sub_app(app, settings), _sub_app(app, settings)
+    native_routers = (oauth.router, oidc.router, account.router, verification.router,
+                      devices.router)
+    for router in native_routers:
         app.include_router(router)
-        app.include_router(router, prefix="/realms/{realm}")
-    app.include_router(admin.router)
-    app.include_router(admin_organisations.router)
-    dialect_apps = mount_dialects(app, settings)
+        per_realm.include_router(router, prefix="/realms/{realm}")
+    administration.include_router(admin.router)
+    administration.include_router(admin_organisations.router)
+    by_prefix = {"/realms": per_realm, "/admin": administration,
+                 **mount_dialects(app, settings)}
+    rooted = [dialects.load(name).router for name in settings.dialects_at_root
+              if name in dialects.REGISTRY]
+    for router in (health.router, *native_routers, *rooted):  # what the native app serves
+        for route in router.routes:
+            first = "/" + getattr(route, "path", "/").split("/", 2)[1]
+            if first in by_prefix:
+                raise RuntimeError(f"{route.path} is unreachable: {first} has an app of its own")
     _serve(app, settings)
-    _document_together(app, list(dialect_apps.values()))
-    return SurfaceDispatch(app, dialect_apps)
+    _document_together(app, list(by_prefix.values()))
+    return SurfaceDispatch(app, by_prefix)
+
+
+def _sub_app(app: FastAPI, settings: Settings) -> FastAPI:
+    """An app for the routes under one first path segment: ``app``'s state, error handling
+    and middleware; documented in ``app``'s OpenAPI document."""
+    sub_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    sub_app.state = app.state
+    _serve(sub_app, settings)
+    return sub_app
 
 
 def _serve(app: FastAPI, settings: Settings) -> None:
@@ -218,10 +238,8 @@ def mount_dialects(app: FastAPI, settings: Settings) -> dict[str, FastAPI]:
             continue
         module: Any = dialects.load(name)
         prefix = f"/{name}"
-        dialect_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-        dialect_app.state = app.state
+        dialect_app = _sub_app(app, settings)
         dialect_app.include_router(module.router, prefix=prefix)
-        _serve(dialect_app, settings)
         served[prefix] = dialect_app
         app.state.surface_prefixes.append((prefix, module.surface))
         if name in settings.dialects_at_root:
@@ -248,25 +266,26 @@ def _document_together(app: FastAPI, others: list[FastAPI]) -> None:
 
 
 class SurfaceDispatch:
-    """The ASGI app servers run. A request under a dialect's prefix goes straight to that
-    dialect's app, everything else to the native app.
+    """The ASGI app servers run. A request whose first path segment has an app of its own (a
+    dialect's prefix, ``/realms``, ``/admin``) goes straight to it, everything else to the
+    native app.
 
     FastAPI matches routes one by one (some 20 k instructions each): in one app holding every
-    surface, each dialect request paid for matching every native route first. Attributes not
+    route, a dialect request paid for matching every native route first. Attributes not
     defined here are the native app's (``state``, ``openapi``, ...)."""
 
-    def __init__(self, native: FastAPI, dialect_apps: dict[str, FastAPI]) -> None:
+    def __init__(self, native: FastAPI, by_prefix: dict[str, FastAPI]) -> None:
         self.native = native
-        self.dialect_apps = dialect_apps
+        self.by_prefix = by_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and self.dialect_apps:
+        if scope["type"] in ("http", "websocket") and self.by_prefix:
             path = scope["path"]
             root = scope.get("root_path") or ""
             if root and path.startswith(root):
                 path = path[len(root):]
             end = path.find("/", 1)
-            target = self.dialect_apps.get(path if end < 0 else path[:end])
+            target = self.by_prefix.get(path if end < 0 else path[:end])
             if target is not None:
                 await target(scope, receive, send)
                 return
