@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import Histogram
@@ -181,10 +181,8 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
         per_realm.include_router(router, prefix="/realms/{realm}")
     administration.include_router(admin.router)
     administration.include_router(admin_organisations.router)
-    by_prefix = {"/realms": per_realm, "/admin": administration,
-                 **mount_dialects(app, settings)}
-    rooted = [dialects.load(name).router for name in settings.dialects_at_root
-              if name in dialects.REGISTRY]
+    served, rooted = mount_dialects(app, settings)
+    by_prefix = {"/realms": per_realm, "/admin": administration, **served}
     for router in (health.router, *native_routers, *rooted):  # what the native app serves
         for route in router.routes:
             first = "/" + getattr(route, "path", "/").split("/", 2)[1]
@@ -228,11 +226,13 @@ def _serve(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(Timing)
 
 
-def mount_dialects(app: FastAPI, settings: Settings) -> dict[str, FastAPI]:
+def mount_dialects(app: FastAPI,
+                   settings: Settings) -> tuple[dict[str, FastAPI], list[APIRouter]]:
     """An app of its own for each dialect, served under its prefix by ``SurfaceDispatch``
     (sharing the native app's state); a dialect served at the root is also included in the
-    native app."""
+    native app. Returns the apps by prefix, and the routers included at the root."""
     served: dict[str, FastAPI] = {}
+    rooted: list[APIRouter] = []
     for name in settings.dialects:
         if name not in dialects.REGISTRY:
             continue
@@ -244,9 +244,10 @@ def mount_dialects(app: FastAPI, settings: Settings) -> dict[str, FastAPI]:
         app.state.surface_prefixes.append((prefix, module.surface))
         if name in settings.dialects_at_root:
             app.include_router(module.router)
+            rooted.append(module.router)
         for start in getattr(module, "background", ()):
             app.state.background.append(start)
-    return served
+    return served, rooted
 
 
 def _document_together(app: FastAPI, others: list[FastAPI]) -> None:

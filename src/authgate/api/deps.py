@@ -37,7 +37,7 @@ async def get_principal(request: Request, realm: Realm = Depends(get_realm)) -> 
 async def get_principal_with_user(request: Request,
                                   realm: Realm = Depends(get_realm)) -> Principal:
     """The same, with the (active) user loaded in the same read."""
-    return await _principal(request, realm, with_user=True)
+    return await principal_with_user(request, realm)
 
 
 async def principal_with_user(request: Request, realm: Realm) -> Principal:

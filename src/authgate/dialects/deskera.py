@@ -31,6 +31,7 @@ from authgate.core.engine import Core
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Realm, User
 from authgate.core.sessions import Principal, Tokens
+from authgate.core.signin import SignedIn
 from authgate.core.users import NewUser
 
 FAILED_CREDENTIALS = "Failed to authenticate user credentials."
@@ -146,9 +147,10 @@ def _device_key(request: Request, body: dict[str, Any]) -> str | None:
             or (request.headers.get("x-device-key") or "").strip()[:128] or None)
 
 
-async def _signed_in(request: Request, realm: Realm, user: User, amr: list[str],
+async def _signed_in(request: Request, realm: Realm, signed_in: SignedIn,
                      client: ClientInfo, body: dict[str, Any]) -> Response:
     core = _core(request)
+    user, amr = signed_in.user, signed_in.amr
     sighting = await core.devices.sighting(realm, user, client.device_key,
                                            name=string_field(body, "deviceName", max_length=200),
                                            client=client)
@@ -174,7 +176,7 @@ async def sign_in(request: Request) -> Response:
         if exc.code is not ErrorCode.MFA_REQUIRED:
             raise
         return JSONResponse({"isMFAEnabled": True}, headers=NO_STORE)
-    return await _signed_in(request, realm, signed_in.user, signed_in.amr, client, body)
+    return await _signed_in(request, realm, signed_in, client, body)
 
 
 @router.post("/v1/iam/auth/sign-in/web/mfa-signin", summary="Web sign-in with a TOTP code")
@@ -186,7 +188,7 @@ async def mfa_sign_in(request: Request) -> Response:
     code = string_field(body, "mfaCode", required=True, max_length=64)
     client = client_info(request, device_key=_device_key(request, body))
     signed_in = await core.signin.password(realm, user_name, password, client, mfa_code=code)
-    return await _signed_in(request, realm, signed_in.user, signed_in.amr, client, body)
+    return await _signed_in(request, realm, signed_in, client, body)
 
 
 async def _refresh(request: Request) -> Response:

@@ -26,7 +26,6 @@ in a READ COMMITTED transaction.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +42,7 @@ from sqlalchemy.pool import StaticPool
 
 from authgate.store.fastexec import (
     init_asyncpg_connection,
+    json_text,
     keep_session,
     run_asyncpg,
     run_sqlite,
@@ -78,19 +78,10 @@ def _sqlite_pragmas(connection: Any, *, read_only: bool, busy_timeout_ms: int) -
     cursor.close()
 
 
-def _json_dumps(value: Any) -> str:
-    """JSON columns are written with orjson; json.dumps takes what orjson cannot (integers
-    beyond 64 bits)."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-    except TypeError:
-        return json.dumps(value)
-
-
 def create_engine(url: str, *, pool_size: int = 2) -> AsyncEngine:
     """The SQLAlchemy engine: migrations, and in-memory SQLite. Its dialect's type processors
     serve the thin executor too."""
-    codecs = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+    codecs = {"json_serializer": json_text, "json_deserializer": orjson.loads}
     if not url.startswith("sqlite"):
         return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
                                    pool_recycle=1800, **codecs)

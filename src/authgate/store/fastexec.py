@@ -11,6 +11,7 @@ because the same processors run. Integrity errors are re-raised as SQLAlchemy's.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -208,5 +209,15 @@ async def keep_session(connection: asyncpg.Connection) -> None:
     back any transaction left open before this runs."""
 
 
+def json_text(value: Any) -> str:
+    """JSON columns as text: orjson, and json.dumps for what orjson cannot encode (integers
+    beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def _json_text(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    """asyncpg's encoder: SQLAlchemy's bind processors have usually serialised it already."""
+    return value if isinstance(value, str) else json_text(value)
