@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,25 @@ async def _drop_pg_database(name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
-async def database_url(request: pytest.FixtureRequest,
-                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "authgate.db"
-        yield f"sqlite+aiosqlite:///{path}"
+@asynccontextmanager
+async def new_database(backend: str, directory: Path) -> AsyncIterator[str]:
+    """The URL of an empty database: a SQLite file in ``directory``, or a PostgreSQL database
+    of its own, dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{directory / 'authgate.db'}"
         return
     name, url = await _create_pg_database()
     try:
         yield url
     finally:
         await _drop_pg_database(name)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    async with new_database(request.param, tmp_path_factory.mktemp("sqlite")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

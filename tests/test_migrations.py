@@ -13,19 +13,13 @@ from alembic.migration import MigrationContext
 from authgate.store.db import create_engine
 from authgate.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from authgate.store.tables import metadata
-from tests.conftest import _create_pg_database, _drop_pg_database
+from tests.conftest import new_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
-        return
-    name, url = await _create_pg_database()
-    try:
+    async with new_database(request.param, tmp_path) as url:
         yield url
-    finally:
-        await _drop_pg_database(name)
 
 
 async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_url):
