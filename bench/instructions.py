@@ -1,14 +1,16 @@
-"""Instructions per request, counted by callgrind: the repeatable companion of ``run.py``.
+"""Instructions per request inside the real server: the repeatable companion of ``run.py``.
 
 Wall-clock rates on these machines swing by a factor of two from minute to minute; the number
-of instructions a request executes does not. This runs Authgate's ASGI app in process (no HTTP
-server, SQLite in a temporary directory, test-speed Argon2id), drives a trivial request
-(GET /healthz), userinfo, refresh rotations and a dialect's cheapest request (the Descope
-project's JWKS, a cache hit: mostly routing and framework) through it, and reports the instructions each
-costs: callgrind's total for N requests minus its total for none, over N. Every thread counts,
-the commit's included; the hash seed is fixed, so a run repeats to the instruction. Needs valgrind (Debian: apt-get install valgrind); takes a few minutes.
+of instructions a request executes does not. This serves Authgate as ``run.py`` does (uvicorn,
+uvloop, httptools, one worker), but under callgrind with instrumentation off until the load
+starts. Then, for each figure, it switches counting on, sends ``--requests`` requests over
+``--connections`` keep-alive connections at once (as wrk does; each refresh connection follows
+its own token chain), and dumps the count: every thread of the server counts, the commit's
+included; the kernel's work does not. The load comes from another process, so its cost is not
+counted. The ratio to the trivial request predicts ``run.py``'s ratios. Needs valgrind
+(Debian: apt-get install valgrind); about a minute per store.
 
-    python bench/instructions.py [--requests 300]
+    python bench/instructions.py [--requests 320] [--stores sqlite,postgres]
 """
 
 from __future__ import annotations
@@ -16,134 +18,138 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-FORM = [(b"content-type", b"application/x-www-form-urlencoded")]
-PASSWORD = "correct horse battery staple 1"
-WARM_UP = 30
+sys.path.insert(0, str(Path(__file__).parent))
+import run  # noqa: E402 - the server and the sessions, as the wrk benchmark makes them
+
 FIGURES = ("trivial", "userinfo", "refresh", "dialect JWKS")
+TARGETS = {"userinfo": 0.6, "refresh": 0.35}
+WARM_UP = 5  # requests per connection and figure before counting
 
 
-async def call(app: Any, method: str, path: str, body: bytes = b"",
-               headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
-    """One request through the ASGI app, as a server would make it."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
-             "server": ("127.0.0.1", 8000), "state": {},
-             "headers": [(b"host", b"localhost"), (b"content-length", str(len(body)).encode()),
-                         *(headers or [])]}
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the client never disconnects
-        raise AssertionError
-
-    messages: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:])
-
-
-async def drive(figure: str, count: int) -> None:
-    """Set up, warm every path up, then make ``count`` requests of ``figure``."""
-    from authgate.api.app import build_core, create_app
-    from authgate.config import load_settings
-    from authgate.core.users import NewUser
-
-    data = Path(tempfile.mkdtemp(prefix="authgate-instructions-"))
+async def _connection(port: int, request: Callable[[dict[str, str]], bytes], count: int,
+                      chain: dict[str, str]) -> None:
+    """``count`` requests on one keep-alive connection; a refresh takes its successor."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        settings = load_settings(data_dir=data, database_url=f"sqlite+aiosqlite:///{data}/a.db",
-                                 master_secret="q" * 43, issuer="http://authgate.test",
-                                 argon2_memory_kib=1024, argon2_time_cost=1)
-        core = await build_core(settings)
-        app = create_app(settings, core)
-        realm = await core.realms.ensure_default()
-        await core.users.create(realm, NewUser(email="a@example.com", password=PASSWORD))
-        status, body = await call(app, "POST", "/oauth/token", (
-            "grant_type=password&username=a%40example.com&password="
-            + PASSWORD.replace(" ", "+")).encode(), FORM)
-        assert status == 200, body
-        tokens = json.loads(body)
-        refresh, bearer = tokens["refresh_token"], f"Bearer {tokens['access_token']}".encode()
-
-        async def one(name: str) -> None:
-            nonlocal refresh
-            if name == "trivial":
-                status, body = await call(app, "GET", "/healthz")
-            elif name == "dialect JWKS":
-                status, body = await call(app, "GET", f"/descope/v2/keys/{realm.project_id}")
-            elif name == "userinfo":
-                status, body = await call(app, "GET", "/userinfo",
-                                          headers=[(b"authorization", bearer)])
-            else:
-                status, body = await call(app, "POST", "/oauth/token", (
-                    f"grant_type=refresh_token&refresh_token={refresh}").encode(), FORM)
-                refresh = json.loads(body)["refresh_token"] if status == 200 else refresh
-            assert status == 200, body
-
-        for _ in range(WARM_UP):
-            for name in FIGURES:
-                await one(name)
         for _ in range(count):
-            await one(figure)
-        await core.store.close()
+            writer.write(request(chain))
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            body = await reader.readexactly(int(length.group(1)) if length else 0)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError((head + body).decode(errors="replace"))
+            if b'"refresh_token"' in body:
+                chain["refresh"] = json.loads(body)["refresh_token"]
     finally:
-        shutil.rmtree(data, ignore_errors=True)
+        writer.close()
 
 
-def collected(figure: str, count: int) -> int:
-    """callgrind's instruction total for a run of ``count`` requests of ``figure``."""
-    # A fixed hash seed: dict and set layouts, and so the instruction counts, repeat exactly.
-    result = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, "--drive", figure, str(count)], capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"})
-    match = re.search(r"Collected : (\d+)", result.stderr)
-    if match is None:
-        raise RuntimeError(result.stderr[-2000:])
-    return int(match.group(1))
+def _requests(host: str, access: str, project: str) -> dict[str, Callable[[dict[str, str]], bytes]]:
+    def refresh(chain: dict[str, str]) -> bytes:
+        body = f"grant_type=refresh_token&refresh_token={chain['refresh']}"
+        return (f"POST /oauth/token HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                f"application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n"
+                f"{body}").encode()
+
+    return {
+        "trivial": lambda _: f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(),
+        "userinfo": lambda _: (f"GET /userinfo HTTP/1.1\r\nHost: {host}\r\n"
+                               f"Authorization: Bearer {access}\r\n\r\n").encode(),
+        "refresh": refresh,
+        "dialect JWKS": lambda _: (f"GET /descope/v2/keys/{project} HTTP/1.1\r\n"
+                                   f"Host: {host}\r\n\r\n").encode(),
+    }
+
+
+def measure(store: str, requests: int, connections: int) -> dict[str, float]:
+    """Instructions per request of each figure, counted in the server."""
+    data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-instructions-{store}-"))
+    pg_name = None
+    if store == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
+    else:
+        pg_name, database_url = asyncio.run(run.create_pg_database())
+    out = data_dir / "callgrind.out"
+    server = run.Server(database_url, data_dir, 1, wrapper=(
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"))
+    server.start()
+    assert server.process is not None
+    pid = str(server.process.pid)  # valgrind runs the program in its own process
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, pid], check=True, capture_output=True)
+
+    try:
+        created = subprocess.run([sys.executable, "-m", "authgate", "realm", "create", "bench"],
+                                 env=server.env, check=True, capture_output=True, text=True)
+        project = re.search(r"project id (\S+?)\)", created.stdout).group(1)
+        email = run.signup(server.url)
+        refresh_tokens, access = run.sign_in(server.url, email, connections)
+        chains = [{"refresh": token} for token in refresh_tokens]
+        make = _requests(f"127.0.0.1:{server.port}", access, project)
+
+        def load(figure: str, per_connection: int) -> None:
+            async def all_connections() -> None:
+                await asyncio.gather(*(_connection(server.port, make[figure], per_connection,
+                                                   chain) for chain in chains))
+            asyncio.run(all_connections())
+
+        for figure in FIGURES:
+            load(figure, WARM_UP)
+        per_connection = max(1, requests // connections)
+        for figure in FIGURES:
+            control("--instr=on")
+            control("--zero")
+            load(figure, per_connection)
+            control(f"--dump={figure.replace(' ', '_')}")
+            control("--instr=off")
+        counts: dict[str, float] = {}
+        for dump in out.parent.glob(out.name + "*"):
+            text = dump.read_text()
+            trigger = re.search(r"^desc: Trigger: dump (\S+)", text, re.M)
+            total = re.search(r"^totals: (\d+)", text, re.M)
+            if trigger and total:
+                counts[trigger.group(1).replace("_", " ")] = \
+                    int(total.group(1)) / (per_connection * connections)
+        return counts
+    finally:
+        server.stop()
+        if pg_name:
+            asyncio.run(run.drop_pg_database(pg_name))
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--drive", nargs=2, metavar=("FIGURE", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--stores", default="sqlite,postgres")
     args = parser.parse_args()
-    if args.drive:
-        import uvloop
-
-        uvloop.run(drive(args.drive[0], int(args.drive[1])))
-        return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
-    # Counts do not depend on what else the machine runs: one run per core at a time.
-    runs = [("trivial", 0), *((name, args.requests) for name in FIGURES)]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        totals = list(pool.map(lambda run: collected(*run), runs))
-    base = totals[0]
-    per_request = {name: (total - base) / args.requests
-                   for name, total in zip(FIGURES, totals[1:])}
-    print(f"| figure | instructions per request | trivial / figure |\n|---|---:|---:|")
-    for name in FIGURES:
-        print(f"| {name} | {per_request[name] / 1e6:.2f} M "
-              f"| {per_request['trivial'] / per_request[name]:.2f} |")
+    stores = args.stores.split(",")
+    # Counts do not depend on what else the machine runs: the stores run side by side.
+    with ThreadPoolExecutor(max_workers=len(stores)) as pool:
+        results = list(pool.map(lambda s: measure(s, args.requests, args.connections), stores))
+    print("| store | figure | instructions per request | trivial / figure | target |")
+    print("|---|---|---:|---:|---:|")
+    for store, counts in zip(stores, results):
+        for figure in FIGURES:
+            ratio = counts["trivial"] / counts[figure]
+            target = TARGETS.get(figure)
+            print(f"| {store} | {figure} | {counts[figure] / 1e6:.2f} M | {ratio:.2f} "
+                  f"| {f'≥ {target}' if target else ''} |")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,11 @@ def wrk(url: str, *, seconds: int, connections: int, threads: int, script: Path 
 
 
 class Server:
-    def __init__(self, database_url: str, data_dir: Path, workers: int) -> None:
+    """``uvicorn authgate.asgi:app`` on a free port; ``wrapper`` runs it under another program
+    (``instructions.py``: valgrind)."""
+
+    def __init__(self, database_url: str, data_dir: Path, workers: int,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "AUTHGATE_DATABASE_URL": database_url,
@@ -124,6 +128,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = workers
         self.log = data_dir / "server.log"
+        self.wrapper = wrapper
 
     def start(self) -> None:
         # Migrate and create the realm once, before the workers race to do it.
@@ -132,11 +137,12 @@ class Server:
         # The server's log goes to a file: a pipe nobody reads would stall it once full.
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", str(self.workers), "--log-level",
-                 "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+                [*self.wrapper, sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host",
+                 "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+                 "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http",
+                 "httptools"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (600 if self.wrapper else 60)
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
