@@ -188,6 +188,12 @@ async def test_the_dialect_can_also_be_served_at_the_root(settings, core, identi
         assert response.json() == {"status_code": 401, "message": "Password is invalid."}
         prefixed = await verify(http, identity.email)
         assert prefixed.status_code == 200
+        # /password is used by both surfaces at the root: the dialect's own route answers in
+        # its shape, and the native one beside it is still reached.
+        dialect = await http.post("/password/send-token", json={"email": identity.email})
+        assert dialect.json() == {"status_code": 200, "message": "OK"}
+        native = await http.post("/password/forgot", json={"email": identity.email})
+        assert native.status_code == 202
 
 
 # Choosing an account.

@@ -290,3 +290,34 @@ async def test_the_openapi_document_describes_every_surface(client):
                      "/deskera/v1/iam/auth/sign-in/web/sign-in",
                      "/webapi/api/v1/Authentication/Login", "/classroom/auth/sign-in-verify"):
         assert expected in paths, expected
+
+
+async def test_the_openapi_document_names_the_realm_and_the_token_request(client):
+    document = (await client.get("/openapi.json")).json()
+    per_realm = [(path, operation) for path, operations in document["paths"].items()
+                 if path.startswith("/realms/{realm}/") for operation in operations.values()]
+    assert len(per_realm) > 20
+    for path, operation in per_realm:
+        names = [(p["name"], p["in"]) for p in operation["parameters"]]
+        assert names.count(("realm", "path")) == 1, path
+    body = document["paths"]["/oauth/token"]["post"]["requestBody"]["content"]
+    schema = body["application/x-www-form-urlencoded"]["schema"]
+    assert schema["required"] == ["grant_type"]
+    assert {"username", "password", "refresh_token", "scope"} <= set(schema["properties"])
+
+
+async def test_each_native_route_is_reached_through_the_app_of_its_first_segment(app):
+    """Dispatch by first path segment: each native router's segments lead to an app holding
+    that router alone, so a request is matched among a few routes, not all of them."""
+    async def status(segment: str, method: str, path: str) -> int:
+        transport = httpx.ASGITransport(app=app.by_prefix[segment])
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return (await http.request(method, path)).status_code
+
+    assert await status("/healthz", "GET", "/healthz") == 200
+    assert await status("/.well-known", "GET", "/.well-known/jwks.json") == 200
+    assert await status("/userinfo", "GET", "/userinfo") == 401  # reached: no bearer
+    assert await status("/oauth", "POST", "/oauth/token") == 400  # reached: no body
+    assert await status("/healthz", "GET", "/.well-known/jwks.json") == 404
+    assert await status("/oauth", "GET", "/userinfo") == 404
+    assert app.by_prefix["/userinfo"] is app.by_prefix["/.well-known"]

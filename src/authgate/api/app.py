@@ -169,9 +169,12 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
                                  for p in settings.trusted_proxies]
     app.state.surface_prefixes = []
 
-    # Routes are matched in the order they are included, at a few microseconds each: the
-    # health probes (called often, by machines) and the token endpoint come first. Routes
-    # under a fixed first path segment live in apps of their own, reached by that segment.
+    # Routes are matched one by one, in the order they are included, at a few microseconds
+    # each. So requests are dispatched by their first path segment (``SurfaceDispatch``) to
+    # apps holding only the routes under it: the per-realm routes, the admin API, each
+    # dialect, and each native router for the segments it alone uses. The native app holds
+    # every native route too (health probes first): it serves what no segment claims, the
+    # OpenAPI document, and any dialect served at the root.
     app.include_router(health.router)
     per_realm, administration = _sub_app(app, settings), _sub_app(app, settings)
     native_routers = (oauth.router, oidc.router, account.router, verification.router,
@@ -182,15 +185,37 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     administration.include_router(admin.router)
     administration.include_router(admin_organisations.router)
     served, rooted = mount_dialects(app, settings)
-    by_prefix = {"/realms": per_realm, "/admin": administration, **served}
+    by_prefix: dict[str, FastAPI] = {"/realms": per_realm, "/admin": administration, **served}
+    owners = _segment_owners((health.router, *native_routers), rooted)
+    for router in {id(r): r for r in owners.values()}.values():
+        router_app = _sub_app(app, settings)
+        router_app.include_router(router)
+        by_prefix.update({segment: router_app for segment, owner in owners.items()
+                          if owner is router and segment not in by_prefix})
     for router in (health.router, *native_routers, *rooted):  # what the native app serves
         for route in router.routes:
-            first = "/" + getattr(route, "path", "/").split("/", 2)[1]
-            if first in by_prefix:
+            first = _first_segment(route)
+            if first in by_prefix and owners.get(first) is not router:
                 raise RuntimeError(f"{route.path} is unreachable: {first} has an app of its own")
     _serve(app, settings)
-    _document_together(app, list(by_prefix.values()))
+    _document_together(app, [per_realm, administration, *served.values()])
     return SurfaceDispatch(app, by_prefix)
+
+
+def _first_segment(route: Any) -> str:
+    return "/" + getattr(route, "path", "/").split("/", 2)[1]
+
+
+def _segment_owners(routers: tuple[APIRouter, ...],
+                    rooted: list[APIRouter]) -> dict[str, APIRouter]:
+    """The first path segments that one native router alone uses (no other native router,
+    no dialect served at the root), and that router."""
+    users: dict[str, list[APIRouter]] = {}
+    for router in (*routers, *rooted):
+        for segment in {_first_segment(route) for route in router.routes}:
+            users.setdefault(segment, []).append(router)
+    return {segment: found[0] for segment, found in users.items()
+            if len(found) == 1 and found[0] in routers}
 
 
 def _sub_app(app: FastAPI, settings: Settings) -> FastAPI:
@@ -260,10 +285,27 @@ def _document_together(app: FastAPI, others: list[FastAPI]) -> None:
                 schema["paths"].update(part["paths"])
                 schema.setdefault("components", {}).setdefault("schemas", {}).update(
                     part.get("components", {}).get("schemas", {}))
+            for path, operations in schema["paths"].items():
+                if path.startswith("/realms/{realm}/"):
+                    for operation in operations.values():
+                        _document_realm(operation)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_REALM_PARAMETER = {"name": "realm", "in": "path", "required": True,
+                    "schema": {"type": "string"},
+                    "description": "The realm's name; the same routes at the root serve the "
+                                   "default realm."}
+
+
+def _document_realm(operation: dict[str, Any]) -> None:
+    """The ``realm`` path parameter, which the endpoints read from the path themselves."""
+    parameters = operation.setdefault("parameters", [])
+    if not any(p.get("name") == "realm" and p.get("in") == "path" for p in parameters):
+        parameters.insert(0, dict(_REALM_PARAMETER))
 
 
 class SurfaceDispatch:

@@ -23,6 +23,25 @@ router = APIRouter(route_class=native.route_class, tags=["oauth"])
 
 SUPPORTED_GRANTS = ("password", "refresh_token")
 
+# The token request (RFC 6749 §4.3.2, §6), documented by hand: the body is parsed by hand.
+TOKEN_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["grant_type"],
+    "properties": {
+        "grant_type": {"type": "string", "enum": list(SUPPORTED_GRANTS)},
+        "username": {"type": "string", "description": "password grant: the login id"},
+        "password": {"type": "string", "format": "password",
+                     "description": "password grant"},
+        "mfa_code": {"type": "string", "description": "password grant, for a user with TOTP: "
+                     "a TOTP or a recovery code"},
+        "refresh_token": {"type": "string", "description": "refresh_token grant"},
+        "scope": {"type": "string", "description": "space-separated; on refresh it may only "
+                  "narrow the session's grant"},
+        "client_id": {"type": "string"},
+        "nonce": {"type": "string", "description": "password grant: echoed in the ID token"},
+    },
+}
+
 
 def token_response(tokens: Tokens, scope: str | None = None) -> Response:
     body: dict[str, Any] = {
@@ -43,8 +62,13 @@ def _scope(form: dict[str, Any]) -> str:
     return string_field(form, "scope", max_length=1000) or "openid"
 
 
-@router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)")
-async def token(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+@router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/x-www-form-urlencoded": {"schema": TOKEN_REQUEST}}}})
+async def token(request: Request) -> Response:
+    # A hot path: the realm is resolved here, not as a dependency (FastAPI's dependency
+    # solving costs more than the lookup).
+    realm = await get_realm(request)
     request.state.grant_endpoint = True
     form = await read_body(request)
     grant_type = string_field(form, "grant_type", required=True, max_length=100)

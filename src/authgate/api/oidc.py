@@ -53,14 +53,14 @@ def _userinfo(principal: Principal) -> Response:
     return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
 
 
-# A hot path: the bearer is resolved in the endpoint, not as a nested dependency (each level
-# of FastAPI's dependency solving costs more than the session read).
+# A hot path: the realm and the bearer are resolved in the endpoint, not as dependencies
+# (FastAPI's dependency solving costs more than the session read).
 
 @router.get("/userinfo", summary="OpenID Connect userinfo")
-async def userinfo(request: Request, realm: Realm = Depends(get_realm)) -> Response:
-    return _userinfo(await principal_with_user(request, realm))
+async def userinfo(request: Request) -> Response:
+    return _userinfo(await principal_with_user(request, await get_realm(request)))
 
 
 @router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
-async def userinfo_post(request: Request, realm: Realm = Depends(get_realm)) -> Response:
-    return _userinfo(await principal_with_user(request, realm))
+async def userinfo_post(request: Request) -> Response:
+    return _userinfo(await principal_with_user(request, await get_realm(request)))
