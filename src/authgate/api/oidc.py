@@ -15,6 +15,25 @@ router = APIRouter(route_class=native.route_class, tags=["oidc"])
 JWKS_HEADERS = {"Cache-Control": "public, max-age=300"}
 
 
+def _userinfo(principal: Principal) -> Response:
+    user = principal.user
+    assert user is not None
+    return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
+
+
+# A hot path, matched first: the realm and the bearer are resolved in the endpoint, not as
+# dependencies (FastAPI's dependency solving costs more than the session read).
+
+@router.get("/userinfo", summary="OpenID Connect userinfo")
+async def userinfo(request: Request) -> Response:
+    return _userinfo(await principal_with_user(request, await get_realm(request)))
+
+
+@router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
+async def userinfo_post(request: Request) -> Response:
+    return _userinfo(await principal_with_user(request, await get_realm(request)))
+
+
 @router.get("/.well-known/openid-configuration", summary="OpenID Connect discovery")
 async def discovery(request: Request, realm: Realm = Depends(get_realm)) -> Response:
     core = get_core(request)
@@ -45,22 +64,3 @@ async def discovery(request: Request, realm: Realm = Depends(get_realm)) -> Resp
 async def jwks(request: Request, realm: Realm = Depends(get_realm)) -> Response:
     body = await get_core(request).keys.jwks(realm)
     return Response(body, media_type="application/json", headers=JWKS_HEADERS)
-
-
-def _userinfo(principal: Principal) -> Response:
-    user = principal.user
-    assert user is not None
-    return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
-
-
-# A hot path: the realm and the bearer are resolved in the endpoint, not as dependencies
-# (FastAPI's dependency solving costs more than the session read).
-
-@router.get("/userinfo", summary="OpenID Connect userinfo")
-async def userinfo(request: Request) -> Response:
-    return _userinfo(await principal_with_user(request, await get_realm(request)))
-
-
-@router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
-async def userinfo_post(request: Request) -> Response:
-    return _userinfo(await principal_with_user(request, await get_realm(request)))
