@@ -188,10 +188,13 @@ async def test_the_dialect_can_also_be_served_at_the_root(settings, core, identi
         assert response.json() == {"status_code": 401, "message": "Password is invalid."}
         prefixed = await verify(http, identity.email)
         assert prefixed.status_code == 200
-        # /password is used by both surfaces at the root: the dialect's own route answers in
-        # its shape, and the native one beside it is still reached.
+        # /password is used by both surfaces at the root: the dialect's routes answer in its
+        # shape (its /password/reset too, a path the native API also has), and the native
+        # routes beside them are still reached.
         dialect = await http.post("/password/send-token", json={"email": identity.email})
         assert dialect.json() == {"status_code": 200, "message": "OK"}
+        reset = await http.post("/password/reset", json={"token": "x" * 20, "password": "y"})
+        assert reset.status_code == 422 and {"status_code", "message"} <= set(reset.json())
         native = await http.post("/password/forgot", json={"email": identity.email})
         assert native.status_code == 202
 

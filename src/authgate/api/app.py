@@ -174,17 +174,20 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     # apps holding only the routes under it: the per-realm routes, the admin API, each
     # dialect, and each native router for the segments it alone uses. The native app holds
     # every native route too (health probes first): it serves what no segment claims, the
-    # OpenAPI document, and any dialect served at the root.
+    # OpenAPI document, and any dialect served at the root. A dialect is served at the root
+    # so that its clients work unchanged: where its route and a native one share a path and
+    # method, the dialect's is matched first (the native one stays under /realms/{realm}).
     app.include_router(health.router)
+    served, rooted = mount_dialects(app, settings)
     per_realm, administration = _sub_app(app, settings), _sub_app(app, settings)
     native_routers = (oauth.router, oidc.router, account.router, verification.router,
                       devices.router)
     for router in native_routers:
         app.include_router(router)
         per_realm.include_router(router, prefix="/realms/{realm}")
+        _warn_shadowed(router, rooted)
     administration.include_router(admin.router)
     administration.include_router(admin_organisations.router)
-    served, rooted = mount_dialects(app, settings)
     by_prefix: dict[str, FastAPI] = {"/realms": per_realm, "/admin": administration, **served}
     owners = _segment_owners((health.router, *native_routers), rooted)
     for router in {id(r): r for r in owners.values()}.values():
@@ -200,6 +203,17 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     _serve(app, settings)
     _document_together(app, [per_realm, administration, *served.values()])
     return SurfaceDispatch(app, by_prefix)
+
+
+def _warn_shadowed(router: APIRouter, rooted: list[APIRouter]) -> None:
+    """Say which native routes a dialect served at the root takes over."""
+    taken = {(route.path, method) for dialect in rooted for route in dialect.routes
+             for method in getattr(route, "methods", ())}
+    for route in router.routes:
+        for method in sorted(getattr(route, "methods", ())):
+            if (route.path, method) in taken:
+                log.warning("native route served only under /realms/{realm}: a dialect "
+                            "served at the root answers it", method=method, path=route.path)
 
 
 def _first_segment(route: Any) -> str:
