@@ -148,7 +148,7 @@ def main() -> None:
         for figure in FIGURES:
             ratio = counts["trivial"] / counts[figure]
             target = TARGETS.get(figure)
-            print(f"| {store} | {figure} | {counts[figure] / 1e6:.2f} M | {ratio:.2f} "
+            print(f"| {store} | {figure} | {counts[figure] / 1e6:.3f} M | {ratio:.2f} "
                   f"| {f'≥ {target}' if target else ''} |")
 
 
