@@ -29,7 +29,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -255,19 +255,16 @@ class SqlStore:
     def from_url(cls, url: str, *, pool_size: int = 10) -> SqlStore:
         return cls(create_engine(url), pool_size=pool_size)
 
-    @asynccontextmanager
-    async def transaction(self, *, write: bool = False,
-                          single: bool = False) -> AsyncIterator[SqlTx]:
+    def transaction(self, *, write: bool = False,
+                    single: bool = False) -> AbstractAsyncContextManager[SqlTx]:
         """``single``: the body makes one repository call, atomic by itself; PostgreSQL runs it
-        in autocommit (no BEGIN and COMMIT round trips)."""
+        in autocommit (no BEGIN and COMMIT round trips). The backend's own context manager is
+        returned, not wrapped: every request enters one."""
         if self._sqlite is not None:
-            manager = self._sqlite_write() if write else self._sqlite_read()
-        elif not self.is_sqlite:
-            manager = self._pg_transaction(write and not single)
-        else:
-            manager = self._plain_transaction(write)
-        async with manager as tx:
-            yield tx
+            return self._sqlite_write() if write else self._sqlite_read()
+        if not self.is_sqlite:
+            return self._pg_transaction(write and not single)
+        return self._plain_transaction(write)
 
     # SQLite.
 
