@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -53,6 +54,16 @@ async def build_core(settings: Settings) -> Core:
     core = Core(settings, store, load_master_secret(settings))
     await core.realms.ensure_default()
     return core
+
+
+def _freeze_startup_objects() -> None:
+    """Keep the cyclic garbage collector off what start-up built (modules, routes, schemas,
+    statements: hundreds of thousands of objects that live as long as the process). A full
+    collection walks every tracked object; under load it ran every few seconds, and its pauses
+    were the p99 latency (PostgreSQL userinfo: 99 ms with it, 19-31 ms without) and about a
+    tenth of the CPU of a request. Start-up garbage is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 class BodyLimit:
@@ -145,6 +156,8 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
         owned = core is None
         app.state.core = core if core is not None else await build_core(settings)
         workers = [start() for start in app.state.background]
+        if owned:
+            _freeze_startup_objects()
         try:
             yield
         finally:
