@@ -44,3 +44,21 @@ def test_a_tampered_token_or_another_key_is_refused(alg: str):
     with pytest.raises(jwtlib.TokenError) as expired:
         jwtlib.verify(token, public, alg, now=1_900_001_000)
     assert expired.value.expired
+
+
+def test_new_ids_are_random_version_4_uuids_in_canonical_form():
+    import uuid
+
+    from authgate.crypto.tokens import new_id
+
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value  # canonical: lowercase, hyphenated
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Every bit outside the version and variant fields varies.
+    varied = 0
+    for value in ids:
+        varied |= uuid.UUID(value).int ^ uuid.UUID(ids[0]).int
+    assert bin(varied).count("1") == 128 - 6

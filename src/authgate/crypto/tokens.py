@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
-import uuid
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its canonical text form: what ``str(uuid.uuid4())``
+    gives, without building a ``UUID`` object (a few microseconds, several times a request)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def new_token(nbytes: int = 32) -> str:
