@@ -339,3 +339,12 @@ async def test_a_server_owning_its_core_keeps_start_up_objects_out_of_garbage_co
             assert frozen > 10_000
     finally:
         gc.unfreeze()
+
+
+async def test_an_unknown_realm_gets_404_realm_not_found_on_the_hot_endpoints(client):
+    token = await client.post("/realms/no-such-realm/oauth/token",
+                              data={"grant_type": "refresh_token", "refresh_token": "x"})
+    assert token.status_code == 404 and token.json()["error"] == "realm_not_found"
+    userinfo = await client.get("/realms/no-such-realm/userinfo",
+                                headers={"Authorization": "Bearer x.y.z"})
+    assert userinfo.status_code == 404 and userinfo.json()["error"] == "realm_not_found"
