@@ -40,8 +40,16 @@ def _loader(table: Table, cls: type[R]) -> Any:
     return lambda values: cls(*[values[i] for i in order])
 
 
+_FIELD_NAMES: dict[tuple[type[Any], tuple[str, ...]], tuple[str, ...]] = {}
+
+
 def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+    """A record's fields by name, but ``skip``: the names are worked out once per class."""
+    key = (type(obj), tuple(skip))
+    names = _FIELD_NAMES.get(key)
+    if names is None:
+        names = _FIELD_NAMES[key] = tuple(f.name for f in fields(obj) if f.name not in skip)
+    return {name: getattr(obj, name) for name in names}
 
 
 # Statements of a fixed shape are built once, with bound parameters, and reused: building a
