@@ -210,6 +210,15 @@ class MailBox:
     def count_to(self, to: str) -> int:
         return sum(1 for m in self.messages if to.lower() in (m.get("To") or "").lower())
 
+    async def wait_for_count(self, to: str, count: int, timeout: float = 15.0) -> int:
+        """How many messages to ``to`` there are once ``count`` have arrived (another
+        server's outbox worker, on the same database, may be the one delivering them)."""
+        deadline = time.monotonic() + timeout
+        while self.count_to(to) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # and no more than that
+        return self.count_to(to)
+
 
 @pytest.fixture(scope="session")
 def smtp_server() -> Iterator[tuple[MailBox, int]]:

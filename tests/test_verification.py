@@ -104,7 +104,7 @@ async def test_a_new_request_replaces_earlier_codes(core, realm, smtp_server):
     first = token_of(mailed_link(await deliver_and_read(core, box, user.email)))
     await core.verification.request_password_reset(realm, user.email)
     await OutboxWorker(core).run_once()
-    assert box.count_to(user.email) == 2
+    assert await box.wait_for_count(user.email, 2) == 2
     with pytest.raises(AuthError) as replaced:
         await core.verification.check_reset(realm, first)
     assert replaced.value.code is ErrorCode.INVALID_CODE
