@@ -48,18 +48,18 @@ class UTCDateTime(TypeDecorator[datetime]):
     # On SQLite a datetime is text, "YYYY-MM-DD HH:MM:SS.ffffff" in UTC: SQLAlchemy's own
     # storage format, so comparisons in SQL order correctly. These processors write and read
     # it with the datetime module's C functions instead of SQLAlchemy's generic ones (format
-    # strings and a regular expression), which cost more than the query on hot paths.
+    # strings and a regular expression), which cost more than the query on hot paths; the
+    # rules above (no naive datetimes, UTC) still apply.
 
     def bind_processor(self, dialect: Dialect) -> Any:
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
 
+        to_utc = self.process_bind_param
+
         def process(value: datetime | None) -> str | None:
-            if value is None:
-                return None
-            if value.tzinfo is None:
-                raise ValueError("naive datetime given to the store")
-            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            utc = to_utc(value, dialect)
+            return None if utc is None else utc.isoformat(" ", "microseconds")
 
         return process
 
@@ -67,8 +67,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
 
+        from_utc = self.process_result_value
+
         def process(value: str | None) -> datetime | None:
-            return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+            return None if value is None else from_utc(datetime.fromisoformat(value), dialect)
 
         return process
 
