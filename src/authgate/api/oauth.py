@@ -43,7 +43,8 @@ TOKEN_REQUEST: dict[str, Any] = {
 }
 
 
-def token_response(tokens: Tokens, scope: str | None = None) -> Response:
+def token_response(tokens: Tokens) -> Response:
+    """RFC 6749 §5.1, with the scope granted to this token when there is one."""
     body: dict[str, Any] = {
         "access_token": tokens.access_token,
         "token_type": "Bearer",
@@ -52,8 +53,8 @@ def token_response(tokens: Tokens, scope: str | None = None) -> Response:
     }
     if tokens.id_token:
         body["id_token"] = tokens.id_token
-    if scope:
-        body["scope"] = scope
+    if tokens.scope:
+        body["scope"] = tokens.scope
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -90,13 +91,13 @@ async def token(request: Request) -> Response:
             realm, signed_in.user, amr=signed_in.amr, client=client, client_id=client_id,
             nonce=string_field(form, "nonce", max_length=500),
             with_id_token="openid" in scope.split(), scope=scope)
-        return token_response(tokens, tokens.scope)
+        return token_response(tokens)
     if grant_type == "refresh_token":
         raw = string_field(form, "refresh_token", required=True, max_length=512)
         assert raw is not None
         tokens = await core.sessions.refresh(realm, raw, client,
                                              scope=string_field(form, "scope", max_length=1000))
-        return token_response(tokens, tokens.scope)
+        return token_response(tokens)
     raise AuthError(ErrorCode.INVALID_REQUEST,
                     f"Unsupported grant_type {(grant_type or '')[:40]!r}; supported: "
                     f"{', '.join(SUPPORTED_GRANTS)}.",
