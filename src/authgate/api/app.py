@@ -203,15 +203,17 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     administration.include_router(admin_organisations.router)
     by_prefix: dict[str, FastAPI] = {"/realms": per_realm, "/admin": administration, **served}
     owners = _segment_owners((health.router, *native_routers), rooted)
-    for router in {id(r): r for r in owners.values()}.values():
-        router_app = _sub_app(app, settings)
-        router_app.include_router(router)
-        by_prefix.update({segment: router_app for segment, owner in owners.items()
-                          if owner is router and segment not in by_prefix})
+    router_apps: dict[int, FastAPI] = {}  # by id of the native router the app serves
+    for router in (health.router, *native_routers):
+        segments = [s for s, owner in owners.items() if owner is router and s not in by_prefix]
+        if segments:
+            router_apps[id(router)] = router_app = _sub_app(app, settings)
+            router_app.include_router(router)
+            by_prefix.update(dict.fromkeys(segments, router_app))
     for router in (health.router, *native_routers, *rooted):  # what the native app serves
         for route in router.routes:
             first = _first_segment(route)
-            if first in by_prefix and owners.get(first) is not router:
+            if first in by_prefix and by_prefix[first] is not router_apps.get(id(router)):
                 raise RuntimeError(f"{route.path} is unreachable: {first} has an app of its own")
     _serve(app, settings)
     _document_together(app, [per_realm, administration, *served.values()])
