@@ -413,5 +413,8 @@ def test_sqlite_datetimes_keep_sqlalchemys_text_format():
         assert stored == theirs(moment.replace(tzinfo=None))
         assert read(stored) == moment and read(stored).tzinfo is UTC
     assert read("2026-11-23 09:05:07") == datetime(2026, 11, 23, 9, 5, 7, tzinfo=UTC)
+    # Text with an offset of its own (not what Authgate writes) still reads as that moment, in UTC.
+    assert read("2026-11-23T10:05:07+01:00") == datetime(2026, 11, 23, 9, 5, 7, tzinfo=UTC)
+    assert read("2026-11-23T10:05:07+01:00").tzinfo is UTC
     with pytest.raises(ValueError):
         write(datetime(2026, 11, 23))  # naive

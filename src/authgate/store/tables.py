@@ -70,7 +70,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         from_utc = self.process_result_value
 
         def process(value: str | None) -> datetime | None:
-            return None if value is None else from_utc(datetime.fromisoformat(value), dialect)
+            if value is None:
+                return None
+            try:  # the stored form: UTC with no offset, read as an aware datetime at once
+                return datetime.fromisoformat(value + "+00:00")
+            except ValueError:  # any other form ISO 8601 allows
+                return from_utc(datetime.fromisoformat(value), dialect)
 
         return process
 
