@@ -62,3 +62,13 @@ def test_new_ids_are_random_version_4_uuids_in_canonical_form():
     for value in ids:
         varied |= uuid.UUID(value).int ^ uuid.UUID(ids[0]).int
     assert bin(varied).count("1") == 128 - 6
+
+
+def test_a_header_type_matches_without_case_or_the_application_prefix():
+    from authgate.crypto.jwt import has_type
+
+    assert has_type({"typ": "at+jwt"}, "at+jwt")
+    assert has_type({"typ": "application/AT+JWT"}, "at+jwt")
+    assert not has_type({"typ": "JWT"}, "at+jwt")
+    assert not has_type({}, "at+jwt")
+    assert not has_type({"typ": 7}, "at+jwt")

@@ -183,6 +183,37 @@ async def test_rfc7662_introspection(client, realm):
                               headers=bearer(caller))).json() == {"active": False}
 
 
+async def test_introspection_calls_only_the_current_refresh_token_active(client, realm):
+    _, caller = await signed_in(client, realm)
+    _, subject = await signed_in(client, realm)
+    url = realm_url(realm, "/oauth/introspect")
+    successor = (await refresh(client, realm, subject["refresh_token"])).json()
+    rotated = (await client.post(url, data={"token": subject["refresh_token"]},
+                                 headers=bearer(caller))).json()
+    assert rotated == {"active": False}
+    current = (await client.post(url, data={"token": successor["refresh_token"]},
+                                 headers=bearer(caller))).json()
+    assert current["active"] is True and current["token_type"] == "refresh_token"
+    assert current["scope"] == "openid"
+    # The token's own expiry (30 days), not its session's (90 days).
+    assert abs(current["exp"] - current["iat"] - 30 * 86_400) <= 2
+
+
+async def test_an_id_token_is_not_an_access_token(client, realm):
+    _, tokens = await signed_in(client, realm)
+    assert jwt.get_unverified_header(tokens["access_token"])["typ"] == "at+jwt"
+    assert jwt.get_unverified_header(tokens["id_token"])["typ"] == "JWT"
+    as_bearer = {"Authorization": f"Bearer {tokens['id_token']}"}
+    refused = await client.get(realm_url(realm, "/userinfo"), headers=as_bearer)
+    assert refused.status_code == 401 and refused.json()["error"] == "invalid_token"
+    assert (await client.get(realm_url(realm, "/me"), headers=as_bearer)).status_code == 401
+    introspected = await client.post(realm_url(realm, "/oauth/introspect"),
+                                     data={"token": tokens["id_token"]}, headers=bearer(tokens))
+    assert introspected.json() == {"active": False}
+    assert (await client.get(realm_url(realm, "/userinfo"), headers=bearer(tokens))
+            ).status_code == 200
+
+
 async def test_failed_sign_ins_back_off_exponentially_with_retry_after(client, core, realm):
     email, _ = await signed_in(client, realm)
     free = core.settings.throttle_free_attempts
@@ -267,6 +298,20 @@ async def test_refresh_keeps_to_the_granted_scope(client, realm):
     assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
     # The refused request did not spend the token.
     assert (await refresh(client, realm, narrower["refresh_token"])).status_code == 200
+
+
+async def test_a_session_with_no_recorded_grant_cannot_gain_a_scope_on_refresh(client, core,
+                                                                              realm):
+    """Sessions a dialect started record no scope: there is nothing for a scope to narrow."""
+    email, _ = await signed_in(client, realm)
+    user = await core.users.find(realm, email)
+    started = await core.sessions.start(realm, user, amr=["pwd"])  # as a dialect does
+    assert started.session.scope is None
+    widened = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": started.refresh_token,
+        "scope": "admin payments:write"})
+    assert widened.status_code == 400 and widened.json()["error"] == "invalid_scope"
+    assert (await refresh(client, realm, started.refresh_token)).status_code == 200
 
 
 async def test_without_openid_no_id_token_is_issued_on_sign_in_or_refresh(client, realm):

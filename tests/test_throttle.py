@@ -91,6 +91,46 @@ async def test_tokens_of_a_key_withdrawn_from_the_jwks_are_refused(core: Core, r
         future.hasher.close()
 
 
+async def test_a_node_stops_trusting_a_withdrawn_key_it_had_cached(core: Core, realm: Realm):
+    """A node that verified tokens of a key keeps neither the key nor those tokens past its
+    cache period: once another node retired the key and it left the JWKS, a token signed with
+    it (here: with the private key, as if leaked) is refused."""
+    from datetime import timedelta
+
+    from authgate.core.models import utcnow
+
+    clock = [utcnow()]
+    settings = core.settings.model_copy(update={"key_cache_seconds": 0})
+    node = Core(settings, core.store, _master(), clock=lambda: clock[0])
+    try:
+        user = await node.users.create(realm, NewUser(email=unique_email(), password=PASSWORD))
+        session = (await node.sessions.start(realm, user, amr=["pwd"])).session
+        leaked = await node.keys.signer(realm)
+        claims = node.sessions.access_claims(realm, user, session)
+        claims["exp"] += 365 * 86_400
+        forged = leaked.sign(claims, typ="at+jwt")
+        verify = dict(issuer=None, audience=None, require=())
+        assert (await node.keys.verify(realm, forged, **verify))["sub"] == user.id
+        await core.keys.rotate(realm)  # on another node
+        clock[0] = utcnow() + core.keys.max_token_lifetime + timedelta(hours=1)
+        with pytest.raises(AuthError) as raised:
+            await node.keys.verify(realm, forged, **verify)
+        assert raised.value.code is ErrorCode.INVALID_TOKEN
+    finally:
+        node.hasher.close()
+
+
+def test_a_retired_key_outlives_the_signers_other_nodes_cached(core: Core):
+    settings = core.settings
+    longest = max(settings.access_token_ttl, settings.id_token_ttl, settings.refresh_token_ttl,
+                  settings.tiledesk_token_ttl, settings.deskera_token_ttl)
+    slow = Core(settings.model_copy(update={"key_cache_seconds": 300}), core.store, _master())
+    try:
+        assert slow.keys.max_token_lifetime.total_seconds() >= longest + 300
+    finally:
+        slow.hasher.close()
+
+
 async def test_one_address_cannot_create_guests_without_limit(strict: Core, realm: Realm):
     org = await strict.organisations.create(realm, "guests-welcome")
     here, there = ClientInfo(ip="198.51.100.20"), ClientInfo(ip="198.51.100.21")

@@ -142,16 +142,21 @@ async def introspect(request: Request, realm: Realm = Depends(get_realm)) -> Res
     try:
         principal = await core.sessions.authenticate(realm, raw)
     except AuthError:
-        session = await core.sessions.session_for_refresh_token(realm, raw)
-        if session is None or not session.is_live(core.now()):
+        live = await core.sessions.live_refresh_token(realm, raw)
+        if live is None:
             return JSONResponse({"active": False}, headers=NO_STORE)
-        return JSONResponse({"active": True, "token_type": "refresh_token",
-                             "sub": session.user_id, "sid": session.id,
-                             "client_id": session.client_id,
-                             "exp": int(session.expires_at.timestamp()),
-                             "iss": core.realms.issuer(realm)}, headers=NO_STORE)
+        token, session = live
+        about: dict[str, Any] = {
+            "active": True, "token_type": "refresh_token", "sub": session.user_id,
+            "sid": session.id, "client_id": session.client_id,
+            "exp": int(token.expires_at.timestamp()), "iat": int(token.created_at.timestamp()),
+            "iss": core.realms.issuer(realm)}
+        if session.scope:
+            about["scope"] = session.scope
+        return JSONResponse(about, headers=NO_STORE)
     claims = principal.claims
     body = {"active": True, "token_type": "access_token", "client_id": claims.get("azp"),
-            **{k: claims[k] for k in ("sub", "aud", "iss", "exp", "iat", "jti", "sid", "amr")
+            **{k: claims[k] for k in ("sub", "aud", "iss", "exp", "iat", "jti", "sid", "amr",
+                                      "scope")
                if k in claims}}
     return JSONResponse(body, headers=NO_STORE)

@@ -4,7 +4,9 @@ Private keys are stored encrypted under the master secret, bound to their ``kid`
 a new active key and retires the old one, which stays in the JWKS until every token it could have
 signed has expired. Parsed keys are cached for ``key_cache_seconds``: after a rotation on one
 node, another may sign with the previous key for that long, which is harmless because the
-previous key is still published.
+previous key is still published, for that long more than the longest token lifetime. Public keys
+and verified tokens are cached for the same time, so a key withdrawn from the JWKS stops
+verifying on every node within ``key_cache_seconds``.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ class Keys:
         self.core = core
         self._signers: dict[str, tuple[float, jwtlib.Signer]] = {}
         self._jwks: dict[str, tuple[float, bytes]] = {}
-        # kid -> (realm_id, alg, key, publish_until)
-        self._public: dict[str, tuple[str, str, Any, datetime | None]] = {}
-        self._verified: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # kid -> (cached until (monotonic), (realm_id, alg, key, publish_until))
+        self._public: dict[str, tuple[float, tuple[str, str, Any, datetime | None]]] = {}
+        # (token, realm, issuer, audience, require, typ) -> (cached until (monotonic), claims)
+        self._verified: dict[tuple[Any, ...], tuple[float, dict[str, Any]]] = {}
 
     @property
     def max_token_lifetime(self) -> timedelta:
-        """How long a token signed now can stay valid: how long a retired key stays published."""
+        """How long a retired key stays published: the longest lifetime of a token it signs,
+        after the other nodes' cached signers (``key_cache_seconds``) stop using it."""
         s = self.core.settings
         longest = max(s.access_token_ttl, s.id_token_ttl, s.refresh_token_ttl,
                       s.tiledesk_token_ttl, s.deskera_token_ttl)
-        return timedelta(seconds=longest + 60)
+        return timedelta(seconds=longest + s.key_cache_seconds + 60)
 
     def _new_record(self, realm: Realm, alg: str) -> SigningKey:
         material = jwtlib.generate_key(alg)
@@ -73,6 +77,8 @@ class Keys:
                                          previous=previous.kid if previous else None)
         self._signers.pop(realm.id, None)
         self._jwks.pop(realm.id, None)
+        if previous is not None:
+            self._public.pop(previous.kid, None)
         return key
 
     async def list(self, realm: Realm) -> list[SigningKey]:
@@ -109,8 +115,10 @@ class Keys:
 
     async def public_key(self, kid: str) -> tuple[str, str, Any]:
         """(realm id, alg, key) for a kid we issued; INVALID_TOKEN for anything else."""
-        found = self._public.get(kid)
-        if found is None:
+        cached = self._public.get(kid)
+        if cached is not None and cached[0] > time.monotonic():
+            found = cached[1]
+        else:  # read again after key_cache_seconds: another node may have retired the key
             async with self.core.store.transaction() as tx:
                 record = await tx.signing_keys.get(kid)
             if record is None:
@@ -119,7 +127,7 @@ class Keys:
                      record.publish_until)
             if len(self._public) > 10_000:
                 self._public.clear()
-            self._public[kid] = found
+            self._public[kid] = (time.monotonic() + self.core.settings.key_cache_seconds, found)
         realm_id, alg, key, publish_until = found
         if publish_until is not None and publish_until <= self.core.now():
             raise AuthError(ErrorCode.INVALID_TOKEN)  # a key withdrawn from the JWKS
@@ -127,35 +135,42 @@ class Keys:
 
     async def verify(self, realm: Realm, token: str, *, issuer: str | None,
                      audience: str | list[str] | None,
-                     require: tuple[str, ...] = ("exp", "iat", "sub")) -> dict[str, Any]:
+                     require: tuple[str, ...] = ("exp", "iat", "sub"),
+                     typ: str | None = None) -> dict[str, Any]:
         """Verify a JWT that this realm signed; the token's header never picks the algorithm.
+        ``typ``, when given, is the token type the header must declare (RFC 8725 §3.11): an
+        access token is ``at+jwt`` (RFC 9068), so an ID token is never taken for one.
 
         A token is immutable, so its signature is checked once: later presentations of the same
-        token (for the same realm, issuer and audience) are answered from a bounded cache, with
-        the expiry checked again each time. Revocation is the session's business, not this
-        cache's: callers check the session on every request.
+        token (for the same realm, issuer, audience and type) are answered from a bounded cache
+        for ``key_cache_seconds``, with the expiry checked again each time. Revocation is the
+        session's business, not this cache's: callers check the session on every request.
         """
-        cache_key = (token, realm.id, issuer, repr(audience), require)
+        cache_key = (token, realm.id, issuer, repr(audience), require, typ)
         cached = self._verified.get(cache_key)
-        if cached is not None:
-            if cached.get("exp", 0) + _LEEWAY > self.core.now().timestamp():
-                return cached
+        if cached is not None and cached[0] > time.monotonic():
+            claims = cached[1]
+            if claims.get("exp", 0) + _LEEWAY > self.core.now().timestamp():
+                return claims
             self._verified.pop(cache_key, None)
             raise AuthError(ErrorCode.TOKEN_EXPIRED)
         claims = await self._verify_uncached(realm, token, issuer=issuer, audience=audience,
-                                             require=require)
+                                             require=require, typ=typ)
         if len(self._verified) >= _VERIFIED_CACHE_SIZE:
             self._verified.pop(next(iter(self._verified)))
-        self._verified[cache_key] = claims
+        self._verified[cache_key] = (
+            time.monotonic() + self.core.settings.key_cache_seconds, claims)
         return claims
 
     async def _verify_uncached(self, realm: Realm, token: str, *, issuer: str | None,
-                               audience: str | list[str] | None,
-                               require: tuple[str, ...]) -> dict[str, Any]:
+                               audience: str | list[str] | None, require: tuple[str, ...],
+                               typ: str | None) -> dict[str, Any]:
         try:
             header = jwtlib.unverified_header(token)
             kid = header.get("kid")
             if not isinstance(kid, str):
+                raise AuthError(ErrorCode.INVALID_TOKEN)
+            if typ is not None and not jwtlib.has_type(header, typ):
                 raise AuthError(ErrorCode.INVALID_TOKEN)
             realm_id, alg, key = await self.public_key(kid)
             if realm_id != realm.id or header.get("alg") != alg:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 _SUCCESSOR = "refresh-successor"
+# The JOSE type of an access token (RFC 9068): checked on every presentation, so that an ID
+# token (type JWT, same key, same issuer) is never taken for one.
+ACCESS_TOKEN_TYPE = "at+jwt"
 # A session's last use is written at most this often: it is informational, not a security check.
 TOUCH_INTERVAL = timedelta(seconds=60)
 
@@ -160,7 +163,7 @@ class Sessions:
         signer = await self.core.keys.signer(realm)
         id_token = (signer.sign(self.id_claims(realm, user, session, nonce))
                     if with_id_token else None)
-        return Tokens(session=session, user=user, access_token=signer.sign(claims, typ="at+jwt"),
+        return Tokens(session=session, user=user, access_token=signer.sign(claims, typ=ACCESS_TOKEN_TYPE),
                       expires_in=access_ttl or self.core.settings.access_token_ttl,
                       refresh_token=raw_refresh,
                       id_token=id_token, claims=claims, scope=scope or session.scope)
@@ -248,8 +251,9 @@ class Sessions:
         reused = False
         async with self.core.store.transaction(write=True) as tx:
             token, session, user = await self._refreshable(tx, realm, raw, now, lock=True)
-            if requested and session.scope is not None and \
-                    not set(requested.split()) <= set(session.scope.split()):
+            # A session with no recorded grant (a dialect's) has nothing a scope can narrow.
+            if requested and (session.scope is None
+                              or not set(requested.split()) <= set(session.scope.split())):
                 raise AuthError(ErrorCode.INVALID_SCOPE)
             if token.rotated_at is None:
                 rotated = await self._rotate_in(tx, realm, token.token_hash, client)
@@ -288,14 +292,16 @@ class Sessions:
     async def authenticate(self, realm: Realm, access_token: str, *,
                            issuer: str | None = None,
                            audience: str | list[str] | None = None,
-                           subject_claim: str = "sub", with_user: bool = False) -> Principal:
+                           subject_claim: str = "sub", with_user: bool = False,
+                           typ: str = ACCESS_TOKEN_TYPE) -> Principal:
         """Verify an access token and that its session is still live. ``subject_claim`` names
-        the claim that carries the user id (a dialect's tokens may put it elsewhere);
-        ``with_user`` loads the user in the same read."""
+        the claim that carries the user id and ``typ`` the token's JOSE type (a dialect's
+        tokens may differ in both); ``with_user`` loads the user in the same read."""
         claims = await self.core.keys.verify(
             realm, access_token,
             issuer=issuer if issuer is not None else self.core.realms.issuer(realm),
-            audience=audience if audience is not None else self.core.realms.audience(realm))
+            audience=audience if audience is not None else self.core.realms.audience(realm),
+            typ=typ)
         session_id = claims.get("sid")
         if not isinstance(session_id, str):
             raise AuthError(ErrorCode.INVALID_TOKEN)
@@ -364,13 +370,22 @@ class Sessions:
             return False
         return await self.revoke(realm, token.session_id, reason="token_revoked", client=client)
 
-    async def session_for_refresh_token(self, realm: Realm, raw: str) -> Session | None:
-        async with self.core.store.transaction() as tx:
-            token = await tx.refresh_tokens.by_hash(digest(raw)) if raw else None
-            session = await tx.sessions.get(token.session_id) if token else None
-        if session is None or session.realm_id != realm.id:
+    async def live_refresh_token(self, realm: Realm,
+                                 raw: str) -> tuple[RefreshToken, Session] | None:
+        """A refresh token that would be rotated if presented now, and its session: not yet
+        rotated (a rotated one is at most a retry within the grace window), not expired, its
+        session live. None for anything else (RFC 7662: inactive)."""
+        if not raw or len(raw) > 512:
             return None
-        return session
+        async with self.core.store.transaction() as tx:
+            token = await tx.refresh_tokens.by_hash(digest(raw))
+            session = await tx.sessions.get(token.session_id) if token else None
+        now = self.core.now()
+        if token is None or session is None or session.realm_id != realm.id:
+            return None
+        if token.rotated_at is not None or token.expires_at <= now or not session.is_live(now):
+            return None
+        return token, session
 
     async def list_for_user(self, realm: Realm, user_id: str) -> list[Session]:
         async with self.core.store.transaction() as tx:

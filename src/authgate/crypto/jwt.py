@@ -137,6 +137,16 @@ def unverified_header(token: str) -> dict[str, Any]:
         raise TokenError("malformed token") from exc
 
 
+def has_type(header: dict[str, Any], typ: str) -> bool:
+    """Whether a JOSE header declares the media type ``typ``: compared without case and with
+    the optional "application/" prefix (RFC 7515 §4.1.9)."""
+    declared = header.get("typ")
+    if not isinstance(declared, str):
+        return False
+    declared = declared.lower()
+    return declared.removeprefix("application/") == typ.lower().removeprefix("application/")
+
+
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of a token whose signature is not checked yet: only to choose which key
     verifies it, never to trust anything in it."""

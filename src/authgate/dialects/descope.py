@@ -41,6 +41,7 @@ from authgate.crypto.tokens import new_id
 
 SESSION_COOKIE = "DS"
 REFRESH_COOKIE = "DSR"
+TOKEN_TYPE = "JWT"  # what Descope's session and refresh JWTs declare in their header
 # Claims this dialect sets itself; customClaims may not shadow them.
 DESCOPE_CLAIMS = frozenset({"drn", "roles", "permissions", "tenants", "dct", "su", "rt", "cc",
                             "dsub", "nsec"})
@@ -195,7 +196,7 @@ async def _refresh_claims(request: Request, realm: Realm, token: str | None) -> 
                               field="Authorization", location="header")
     core = _core(request)
     claims = await core.keys.verify(realm, token, issuer=_issuer(core, realm),
-                                    audience=realm.project_id)
+                                    audience=realm.project_id, typ=TOKEN_TYPE)
     if claims.get("drn") != "DSR" or not isinstance(claims.get("rt"), str):
         raise AuthError(ErrorCode.INVALID_TOKEN, "A refresh token is required.")
     return claims
@@ -208,7 +209,7 @@ async def _session_user(request: Request, realm: Realm,
     core = _core(request)
     if token and _looks_like_session_jwt(token):
         principal = await core.sessions.authenticate(realm, token, issuer=_issuer(core, realm),
-                                                     audience=realm.project_id)
+                                                     audience=realm.project_id, typ=TOKEN_TYPE)
         if principal.claims.get("drn") != "DS":
             raise AuthError(ErrorCode.INVALID_TOKEN)
         return principal.session, await core.users.get(realm, principal.user_id)
@@ -303,7 +304,8 @@ async def issue(core: Core, realm: Realm, tokens: Tokens, *, custom: dict[str, A
         refresh["cc"] = custom
     if stepped_up:
         refresh["su"] = True
-    return (await core.keys.sign(realm, claims), await core.keys.sign(realm, refresh),
+    return (await core.keys.sign(realm, claims, typ=TOKEN_TYPE),
+            await core.keys.sign(realm, refresh, typ=TOKEN_TYPE),
             refresh_ttl)
 
 

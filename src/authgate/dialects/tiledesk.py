@@ -32,6 +32,7 @@ from authgate.core.users import EMAIL, NewUser
 from authgate.crypto.tokens import new_id
 
 PREFIXES = ("", "/v2")
+TOKEN_TYPE = "JWT"  # what Tiledesk's tokens declare in their header
 
 # tiledesk-server's errorCodes.js.
 VERIFICATION_CODE_EXPIRED = 10005
@@ -186,7 +187,8 @@ def _jwt(request: Request) -> str:
 async def _principal(request: Request, realm: Realm) -> Principal:
     issuer = _core(request).realms.issuer(realm)
     return await _core(request).sessions.authenticate(realm, _jwt(request), issuer=issuer,
-                                                      audience=issuer, subject_claim="_id")
+                                                      audience=issuer, subject_claim="_id",
+                                                      typ=TOKEN_TYPE)
 
 
 class Checks:
@@ -285,7 +287,7 @@ async def _token(request: Request, realm: Realm, user: User, *, subject: str, am
                                          with_id_token=False)).session
     issuer = core.realms.issuer(realm)
     now = int(core.now().timestamp())
-    signed = await core.keys.sign(realm, {
+    signed = await core.keys.sign(realm, typ=TOKEN_TYPE, claims={
         **claims, "iss": issuer, "aud": issuer, "sub": subject, "iat": now,
         "exp": now + request.app.state.settings.tiledesk_token_ttl, "jti": new_id(),
         "sid": session.id})
