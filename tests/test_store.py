@@ -348,16 +348,17 @@ async def test_a_sign_in_reads_the_user_with_its_password_and_totp_only(core: Co
         assert await tx.users.for_sign_in(realm.id, "nobody@example.com") is None
 
 
-async def test_throttle_counters_are_read_together(core: Core):
+async def test_throttle_counters_are_locked_together_and_made_where_absent(core: Core):
     now = utcnow()
     keys = [f"test:{new_id()}" for _ in range(3)]
     async with core.store.transaction(write=True) as tx:
-        for key in keys[:2]:
-            await tx.throttle.save(ThrottleState(key=key, failures=1, window_started_at=now))
+        await tx.throttle.save(ThrottleState(key=keys[1], failures=4, window_started_at=now))
+    async with core.store.transaction(write=True) as tx:
+        states = await tx.throttle.lock_many(keys, now)
+    assert [s.key for s in states] == keys  # in the order asked, whatever the lock order
+    assert [s.failures for s in states] == [0, 4, 0]
     async with core.store.transaction() as tx:
-        assert sorted(s.key for s in await tx.throttle.get_many(keys)) == sorted(keys[:2])
-        assert await tx.throttle.get_many([keys[2]]) == []
-        assert await tx.throttle.get_many([]) == []
+        assert (await tx.throttle.get(keys[2])).failures == 0
 
 
 async def test_opening_a_session_writes_it_its_token_the_sign_in_and_the_event_at_once(

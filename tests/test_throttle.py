@@ -53,6 +53,57 @@ async def test_failures_from_one_address_throttle_every_login_id_from_it(strict:
     assert user.email == email
 
 
+async def test_guesses_sent_at_once_are_throttled_as_if_sent_in_turn(strict: Core, realm: Realm):
+    """Each attempt is counted before its password is checked, so of many sent together only
+    the free ones are checked at all."""
+    import asyncio
+
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+
+    async def guess() -> ErrorCode:
+        try:
+            await strict.signin.password(realm, email, "definitely wrong", ClientInfo())
+        except AuthError as refused:
+            return refused.code
+        raise AssertionError("a wrong password was accepted")
+
+    codes = await asyncio.gather(*(guess() for _ in range(20)))
+    free = strict.settings.throttle_free_attempts
+    assert codes.count(ErrorCode.INVALID_CREDENTIALS) == free
+    assert codes.count(ErrorCode.TOO_MANY_ATTEMPTS) == 20 - free
+
+
+async def test_concurrent_attempts_lose_no_count(core: Core, realm: Realm):
+    import asyncio
+
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    await asyncio.gather(*(core.throttle.attempt([key]) for _ in range(12)))
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert state is not None and state.failures == 12
+
+
+async def test_a_success_takes_its_attempt_back_from_the_address(strict: Core, realm: Realm):
+    """Sign-ins that succeed from an address (an office behind one NAT) do not add up to a
+    block of that address."""
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+    here = ClientInfo(ip="198.51.100.30")
+    for _ in range(2):
+        assert await _fail(strict, realm, unique_email(), here.ip) is \
+            ErrorCode.INVALID_CREDENTIALS
+    for _ in range(3):  # the address allows 3 free attempts; these succeed
+        assert (await strict.signin.password(realm, email, PASSWORD, here)).user.email == email
+
+
+async def test_a_login_id_of_any_length_is_throttled_not_failed(core: Core, realm: Realm):
+    """Counters are keyed by a digest: "ß" * 200 casefolds to 400 characters."""
+    assert await _fail(core, realm, "ß" * 200, "198.51.100.40") is ErrorCode.INVALID_CREDENTIALS
+    assert await _fail(core, realm, "x" * 5000, "198.51.100.40") is \
+        ErrorCode.INVALID_CREDENTIALS
+
+
 async def test_a_remembered_device_is_not_locked_out_by_strangers(strict: Core, realm: Realm):
     email = unique_email()
     await strict.users.create(realm, NewUser(email=email, password=PASSWORD))

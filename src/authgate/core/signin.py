@@ -61,7 +61,7 @@ class SignIn:
         creds = [c for c in credentials if c.kind == "password"]
         keys = await self._throttle_keys(realm, login_id, user, client)
         try:
-            counted = await self.core.throttle.check(keys)
+            await self.core.throttle.attempt(keys)
         except AuthError:
             async with self.core.store.transaction(write=True) as tx:
                 await self.core.audit.record(tx, events.THROTTLED, realm_id=realm.id,
@@ -70,22 +70,22 @@ class SignIn:
 
         if user is None or not creds:
             await self.core.hasher.dummy_verify(password)
-            await self._fail(realm, keys, login_id, None, ErrorCode.USER_NOT_FOUND, client)
+            await self._fail(realm, login_id, None, ErrorCode.USER_NOT_FOUND, client)
         assert user is not None
         credential = creds[0]
         result = await self.core.hasher.verify(credential.secret, password)
         if not result.ok:
-            await self._fail(realm, keys, login_id, user, ErrorCode.WRONG_PASSWORD, client)
+            await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client)
 
         rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
-        if rehashed is not None or keys[0].key in counted:
-            async with self.core.store.transaction(write=True) as tx:
-                await self.core.throttle.clear(tx, keys[0])
-                if rehashed is not None:
-                    credential.secret, credential.updated_at = rehashed, self.core.now()
-                    await tx.credentials.update(credential)
-                    await self.core.audit.record(tx, events.PASSWORD_REHASHED,
-                                                 realm_id=realm.id, user_id=user.id)
+        async with self.core.store.transaction(write=True) as tx:
+            # The login id's counter starts afresh; the address keeps its other attempts.
+            await self.core.throttle.succeeded(tx, keys[0], keys[1:])
+            if rehashed is not None:
+                credential.secret, credential.updated_at = rehashed, self.core.now()
+                await tx.credentials.update(credential)
+                await self.core.audit.record(tx, events.PASSWORD_REHASHED,
+                                             realm_id=realm.id, user_id=user.id)
         if user.status != "active":
             # Told only to someone who knows the password.
             raise AuthError(ErrorCode.USER_DISABLED)
@@ -94,10 +94,10 @@ class SignIn:
                                                  enabled=totp)
         return SignedIn(user, amr)
 
-    async def _fail(self, realm: Realm, keys: list[ThrottleKey], login_id: str,
-                    user: User | None, reason: ErrorCode, client: ClientInfo) -> None:
+    async def _fail(self, realm: Realm, login_id: str, user: User | None, reason: ErrorCode,
+                    client: ClientInfo) -> None:
+        """The attempt was counted before the password was checked: only the event is left."""
         async with self.core.store.transaction(write=True) as tx:
-            await self.core.throttle.record_failure(tx, keys)
             await self.core.audit.record(tx, events.SIGN_IN_FAILED, realm_id=realm.id,
                                          user_id=user.id if user else None, client=client,
                                          reason=reason.value, login_id=login_id[:320])

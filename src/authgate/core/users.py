@@ -246,13 +246,11 @@ class Users:
                             "the current one.", details={"reason": "same_password"})
         throttle = self.core.throttle
         key = throttle.scoped_key("reauth", user.id, self.core.settings.throttle_free_attempts)
-        await throttle.check([key])
+        await throttle.attempt([key])
         if not await self.core.signin.check_password(user, old):
-            async with self.core.store.transaction(write=True) as tx:
-                await throttle.record_failure(tx, [key])
             raise AuthError(ErrorCode.WRONG_PASSWORD, "The current password is wrong.")
         async with self.core.store.transaction(write=True) as tx:
-            await throttle.clear(tx, key)
+            await throttle.succeeded(tx, key)
         await self.set_password(realm, user_id, new, keep_session_id=keep_session_id,
                                 client=client)
 

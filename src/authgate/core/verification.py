@@ -106,9 +106,7 @@ class Verification:
         key = throttle.scoped_key(f"mail:{purpose}",
                                   f"{realm.id}:{normalise_login_id(login_id)[:320]}",
                                   self.core.settings.throttle_free_attempts)
-        await throttle.check([key])
-        async with self.core.store.transaction(write=True) as tx:
-            await throttle.record_failure(tx, [key])
+        await throttle.attempt([key])
         user = await self.core.users.find(realm, login_id) if login_id else None
         if user is None or user.status != "active" or not user.email:
             if realm.setting("reveal_unknown_users"):
@@ -160,7 +158,7 @@ class Verification:
         throttle = self.core.throttle
         key = throttle.scoped_key(f"code:{purpose}", f"{realm.id}:{login_id.strip().casefold()}",
                                   self.core.settings.throttle_free_attempts)
-        await throttle.check([key])
+        await throttle.attempt([key])
         user = await self.core.users.find(realm, login_id) if login_id else None
         now = self.core.now()
         async with self.core.store.transaction() as tx:
@@ -170,13 +168,13 @@ class Verification:
             if pin and len(pin) <= 32 and same(self._pin_hash(purpose, code.id, pin),
                                                code.secret_hash):
                 async with self.core.store.transaction(write=True) as tx:
-                    await throttle.clear(tx, key)
+                    await throttle.succeeded(tx, key)
                 assert user is not None
                 return code, user
-        async with self.core.store.transaction(write=True) as tx:
-            for code in live:
-                await tx.codes.add_attempt(code.id)
-            await throttle.record_failure(tx, [key])
+        if live:
+            async with self.core.store.transaction(write=True) as tx:
+                for code in live:
+                    await tx.codes.add_attempt(code.id)
         raise AuthError(ErrorCode.INVALID_CODE)
 
     async def _find(self, realm: Realm, purpose: str, *, token: str | None,

@@ -744,15 +744,27 @@ class ThrottleRepo(_Repo):
     async def get(self, key: str) -> m.ThrottleState | None:
         return await self._get(key=key)
 
-    async def get_many(self, keys: Sequence[str]) -> list[m.ThrottleState]:
-        if not keys:
-            return []
+    async def lock_many(self, keys: Sequence[str], now: datetime) -> list[m.ThrottleState]:
+        """The counters of ``keys`` (made, at zero, where absent), locked until the end of the
+        write transaction, in the order given. Rows are made and locked in key order, so two
+        transactions locking overlapping keys cannot deadlock; SQLite's write transaction is
+        exclusive already."""
         c = t.throttle_counters.c
-        statement = _statement(("throttle_many", len(keys)), lambda: select(
-            t.throttle_counters).where(or_(*(c.key == bindparam(f"k{i}")
-                                            for i in range(len(keys))))))
-        rows = await self.conn.execute(statement, {f"k{i}": key for i, key in enumerate(keys)})
-        return [_record(m.ThrottleState, row) for row in rows]
+        dialect = self.conn.dialect.name
+        upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+        ensure = _statement(("throttle_ensure", dialect), lambda: upsert(t.throttle_counters)
+                            .values(key=bindparam("key"), failures=bindparam("failures"),
+                                    window_started_at=bindparam("now", type_=t.UTCDateTime()))
+                            .on_conflict_do_nothing(index_elements=["key"]))
+        ordered = sorted(set(keys))
+        for key in ordered:
+            await self.conn.execute(ensure, {"key": key, "failures": 0, "now": now})
+        locked = _statement(("throttle_lock", len(ordered)), lambda: select(t.throttle_counters)
+                            .where(c.key.in_([bindparam(f"k{i}") for i in range(len(ordered))]))
+                            .order_by(c.key).with_for_update())
+        rows = await self.conn.execute(locked, {f"k{i}": key for i, key in enumerate(ordered)})
+        states = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+        return [states[key] for key in keys]
 
     async def save(self, state: m.ThrottleState) -> None:
         """Upsert: two nodes may record the first failure of a key at the same moment."""
