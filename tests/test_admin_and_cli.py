@@ -150,3 +150,23 @@ def test_the_cli_administers_realms_users_keys_and_events(tmp_path: Path):
                                  "AUTHGATE_PORT": "not-a-port"},
                             capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and "AUTHGATE_PORT" in broken.stderr
+
+
+def test_a_configuration_file_that_is_missing_stops_the_start(tmp_path, monkeypatch):
+    from authgate.config import ConfigError, load_settings
+
+    missing = tmp_path / "nowhere.toml"
+    monkeypatch.setenv("AUTHGATE_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as raised:
+        load_settings(data_dir=tmp_path)
+    assert "AUTHGATE_CONFIG" in str(raised.value) and str(missing) in str(raised.value)
+
+
+def test_a_trusted_proxy_that_is_not_a_network_is_named(tmp_path, monkeypatch):
+    from authgate.config import ConfigError, load_settings
+
+    monkeypatch.delenv("AUTHGATE_CONFIG", raising=False)
+    monkeypatch.setenv("AUTHGATE_TRUSTED_PROXIES", '["10.0.0.0/8", "not-an-ip"]')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(data_dir=tmp_path)
+    assert "AUTHGATE_TRUSTED_PROXIES" in str(raised.value) and "not-an-ip" in str(raised.value)

@@ -28,6 +28,12 @@ BODIES: list[tuple[str, bytes | None]] = [
     ("application/x-www-form-urlencoded", b"%%%%&&&==="),
     ("text/xml", b"<xml/>"),
     ("application/json", b"\xff\xfe\x00garbage"),
+    # NUL characters, which PostgreSQL cannot store in text, escaped in JSON and in a form.
+    ("application/json", b'{"email": "a\\u0000b@example.com", "password": "long enough pass",'
+                         b' "name": "x\\u0000", "grant_type": "password",'
+                         b' "username": "a\\u0000b@example.com", "token": "a\\u0000"}'),
+    ("application/x-www-form-urlencoded",
+     b"grant_type=password&username=a%00b%40example.com&password=long+enough+pass&token=%00"),
     ("application/json", None),
 ]
 
@@ -52,6 +58,9 @@ async def test_malformed_requests_get_a_4xx_in_the_native_shape(client: httpx.As
 async def test_unknown_paths_methods_and_realms_answer_in_the_native_shape(client, realm):
     cases = [("GET", "/no/such/path", 404), ("PUT", realm_url(realm, "/oauth/token"), 405),
              ("GET", "/realms/NOT_A_REALM!/userinfo", 404),
+             ("GET", "/realms/a%00b/userinfo", 400),
+             ("POST", "/realms/a%00b/oauth/token", 400),
+             ("GET", realm_url(realm, "/userinfo?x=%00"), 400),
              ("GET", "/realms/missing/.well-known/jwks.json", 404)]
     for method, path, status in cases:
         response = await client.request(method, path)
@@ -102,3 +111,11 @@ def test_every_core_error_code_is_documented_with_its_native_mapping():
     for code in ErrorCode:
         status, wire = NATIVE_ERRORS[code]
         assert f"| `{code.value}` | {status} | `{wire}` |" in page, code
+
+
+async def test_a_nul_in_a_dialect_path_is_refused_in_the_dialect_shape(client, core):
+    """Path parameters reach the store (a user id, a code): a NUL is refused before."""
+    response = await client.put("/tiledesk/auth/verifyemail/a%00b/c%00d")
+    assert response.status_code == 400
+    assert response.json() == {"success": False,
+                               "msg": "Text must not contain NUL characters."}

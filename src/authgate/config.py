@@ -8,6 +8,7 @@ a bad one stops the server with a message naming it.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -123,6 +124,11 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_path = os.environ.get(ENV_PREFIX + "CONFIG")
         if toml_path:
+            # A file named but absent would otherwise be read as empty: every setting in it
+            # silently replaced by a default (another database, a new master secret).
+            if not Path(toml_path).is_file():
+                raise OSError(f"{ENV_PREFIX}CONFIG names {toml_path!r}, which is not a "
+                              "readable file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
 
@@ -132,6 +138,16 @@ class Settings(BaseSettings):
         unknown = sorted(set(value) - set(DIALECTS))
         if unknown:
             raise ValueError(f"unknown dialect(s) {unknown}; known: {list(DIALECTS)}")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
 
     @field_validator("issuer", "public_url")

@@ -29,7 +29,7 @@ from authgate.api import (
     verification,
 )
 from authgate.api.errors import native
-from authgate.api.surface import BadRequest, JSONResponse, Surface
+from authgate.api.surface import NUL_REFUSED, BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
 from authgate.logging import configure_logging
 from authgate.core.engine import Core
@@ -66,8 +66,10 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes, whether announced or streamed."""
+class RequestLimits:
+    """Refuse what no handler should see: request bodies over ``limit`` bytes, whether
+    announced or streamed, and NUL characters in the path or the query (no store keeps them
+    in text; bodies are checked where they are parsed)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -76,10 +78,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await self._refuse(scope, receive, send, BadRequest(NUL_REFUSED))
+            return
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.limit:
-                    await self._refuse(scope, receive, send)
+                    await self._refuse(scope, receive, send, _TOO_LARGE)
                     return
         seen = 0
 
@@ -95,16 +100,21 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, _TOO_LARGE)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """413 in the shape of the surface the path belongs to."""
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send,
+                      refusal: BadRequest) -> None:
+        """The refusal in the shape of the surface the path belongs to; the connection is
+        closed (a body may be left unread)."""
         request = Request(scope, receive)
-        response = _surface_for(request).render_bad_request(
-            request, BadRequest("The request body is too large.", status=413))
-        response.status_code = 413
+        response = _surface_for(request).render_bad_request(request, refusal)
+        if refusal.status == 413:  # whatever status the surface gives other bad requests
+            response.status_code = 413
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+_TOO_LARGE = BadRequest("The request body is too large.", status=413)
 
 
 class _TooLarge(Exception):
@@ -276,7 +286,7 @@ def _serve(app: FastAPI, settings: Settings) -> None:
                              "error_description": "An internal error occurred."},
                             status_code=500)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestLimits, limit=settings.max_body_bytes)
     app.add_middleware(Timing)
 
 

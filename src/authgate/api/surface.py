@@ -67,10 +67,14 @@ async def read_body(request: Request, *, allow_form: bool = True,
         raise BadRequest("The request body is empty.")
     if content_type in ("application/x-www-form-urlencoded",) and allow_form:
         try:
-            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
+            form = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
                                   strict_parsing=False, max_num_fields=200))
         except (UnicodeDecodeError, ValueError):
             raise BadRequest("The form body is malformed.") from None
+        if (b"%00" in raw or b"\x00" in raw) and any("\x00" in k or "\x00" in v
+                                                     for k, v in form.items()):
+            raise BadRequest(NUL_REFUSED)
+        return form
     if content_type and not (content_type == "application/json"
                              or content_type.endswith("+json") or content_type == "text/json"
                              or content_type == "text/plain"):
@@ -81,7 +85,23 @@ async def read_body(request: Request, *, allow_form: bool = True,
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if b"\\u0000" in raw and _has_nul(data):
+        raise BadRequest(NUL_REFUSED)
     return data
+
+
+# No store keeps a NUL character in text (PostgreSQL refuses it): refused at the door.
+NUL_REFUSED = "Text must not contain NUL characters."
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def string_field(data: dict[str, Any], name: str, *, required: bool = False,
@@ -118,13 +138,26 @@ def client_info(request: Request, *, device_key: str | None = None) -> ClientInf
     trusted = request.app.state.trusted_proxies
     ip = peer
     if peer and trusted and _in(peer, trusted):
-        forwarded = request.headers.get("x-forwarded-for", "")
+        # Every X-Forwarded-For line, in order: a proxy may add a line of its own after the
+        # client's. Walking from the right, the first hop we do not trust is the client; a hop
+        # that is not an address was not written by a proxy, and ends the walk.
+        forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         for hop in reversed(hops):
+            if not _is_address(hop):
+                break
             ip = hop
             if not _in(hop, trusted):
                 break
     return ClientInfo(ip=ip, user_agent=request.headers.get("user-agent"), device_key=device_key)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _in(address: str, networks: list[Any]) -> bool:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 DEFAULT_REALM = "default"
-REALM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+REALM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole names: fullmatch
 _PROJECT_ALPHABET = string.ascii_letters + string.digits
+PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids: fullmatch
 
 
 def new_project_id() -> str:
@@ -52,7 +53,7 @@ class Realms:
 
     async def create(self, name: str, *, display_name: str | None = None,
                      settings: dict[str, Any] | None = None) -> Realm:
-        if not REALM_NAME.match(name):
+        if not REALM_NAME.fullmatch(name):
             raise AuthError(ErrorCode.INVALID_REQUEST,
                             "A realm name is 1-63 lowercase letters, digits, '-' or '_'.")
         unknown = set(settings or {}) - set(REALM_DEFAULTS)
@@ -86,9 +87,12 @@ class Realms:
             return await tx.realms.by_name(name)
 
     async def require(self, name: str) -> Realm:
-        """The realm of this name (cached briefly), or REALM_NOT_FOUND."""
+        """The realm of this name (cached briefly), or REALM_NOT_FOUND. A name no realm can
+        have (from a URL: any text) is not looked up."""
         realm = self._cached("name:" + name)
         if realm is None:
+            if not REALM_NAME.fullmatch(name):
+                raise AuthError(ErrorCode.REALM_NOT_FOUND)
             realm = await self.by_name(name)
             if realm is None:
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
@@ -99,6 +103,8 @@ class Realms:
         """The realm a Descope-style project id names (cached briefly), or REALM_NOT_FOUND."""
         realm = self._cached("project:" + project_id)
         if realm is None:
+            if not PROJECT_ID.fullmatch(project_id):
+                raise AuthError(ErrorCode.REALM_NOT_FOUND)
             realm = await self.by_project_id(project_id)
             if realm is None:
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
