@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -110,6 +111,24 @@ def test_the_master_secret_is_generated_once_with_private_permissions(tmp_path: 
         load_master_secret(settings)
     with pytest.raises(ConfigError, match="AUTHGATE_MASTER_SECRET"):
         load_master_secret(load_settings(data_dir=tmp_path, master_secret="too-short"))
+
+
+def test_processes_starting_at_once_agree_on_one_master_secret(tmp_path: Path):
+    """Server workers started together (uvicorn --workers) each read the secret that won,
+    never a file still being written."""
+    code = ("import sys, time; from authgate.config import load_settings, load_master_secret; "
+            "settings = load_settings(data_dir=sys.argv[1])\n"
+            "while time.time() < float(sys.argv[2]): pass\n"  # all at the same moment
+            "sys.stdout.write(load_master_secret(settings).hex())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGATE_")}
+    moment = str(time.time() + 3)
+    starts = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "d"), moment],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for _ in range(8)]
+    results = [start.communicate(timeout=60) for start in starts]
+    assert all(start.returncode == 0 for start in starts), [err for _, err in results]
+    assert len({out for out, _ in results}) == 1
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["master.key"]  # no drafts left
 
 
 def cli(tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

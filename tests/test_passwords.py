@@ -114,6 +114,33 @@ async def test_an_imported_bcrypt_user_signs_in_and_is_rehashed_to_argon2id(core
     assert "user.password_rehashed" in events
 
 
+async def test_an_import_reports_wrongly_typed_fields_line_by_line(core: Core, realm: Realm):
+    """Every line is imported or reported; a field of the wrong type stops neither the others
+    nor the report."""
+    report = await core.users.import_records(realm, [
+        {"email": 5},
+        {"email": "typed-hash@example.com", "password_hash": 12},
+        {"email": "typed-flag@example.com", "email_verified": "false"},
+        {"email": "typed-roles@example.com", "roles": "admin"},
+        {"email": "typed-nul@example.com", "name": "a\x00b"},
+        {"email": "typed-attr@example.com", "custom_attributes": {"k": "a\x00b"}},
+        {"email": "typed-fine@example.com", "roles": ["admin"], "email_verified": True},
+    ])
+    assert report.created == 1
+    assert [n for n, _ in report.failed] == [1, 2, 3, 4, 5, 6]
+    fine = await core.users.find(realm, "typed-fine@example.com")
+    assert fine is not None and fine.roles == ["admin"] and fine.email_verified
+    assert await core.users.find(realm, "typed-roles@example.com") is None
+
+
+async def test_changing_the_phone_unverifies_it(core: Core, realm: Realm):
+    user = await core.users.create(realm, NewUser(email="phone-change@example.com",
+                                                  phone="+44 20 7946 0000",
+                                                  phone_verified=True))
+    changed = await core.users.update_profile(realm, user.id, {"phone": "+44 20 7946 0001"})
+    assert changed.phone == "+44 20 7946 0001" and changed.phone_verified is False
+
+
 async def test_sign_up_refuses_a_common_password(core: Core, realm: Realm):
     with pytest.raises(AuthError) as raised:
         await core.users.sign_up(realm, NewUser(email="c@example.com", password="iloveyou"))

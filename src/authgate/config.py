@@ -213,18 +213,34 @@ def load_master_secret(settings: Settings) -> bytes:
             settings.master_secret.get_secret_value(), f"{ENV_PREFIX}MASTER_SECRET"
         )
     path = settings.data_dir / MASTER_KEY_FILE
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigError(f"{path}: the master secret file must not be readable by others "
-                              f"(mode {oct(mode)}); run chmod 600 on it")
-        return load_master_secret_text(path.read_text().strip(), str(path))
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(base64.urlsafe_b64encode(secret).decode().rstrip("=") + "\n")
-    return secret
+    if not path.exists():
+        _create_master_secret(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path}: the master secret file must not be readable by others "
+                          f"(mode {oct(mode)}); run chmod 600 on it")
+    return load_master_secret_text(path.read_text().strip(), str(path))
+
+
+def _create_master_secret(path: Path) -> None:
+    """Write a new secret whole, then link it into place: of several processes starting at
+    once (server workers), one secret wins and every process reads that one, never a file
+    still being written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+                         .rstrip("=") + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process won
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def load_master_secret_text(text: str, where: str) -> bytes:

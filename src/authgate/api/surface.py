@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo
+from authgate.core.models import ClientInfo, has_nul
 
 log = structlog.get_logger("authgate.http")
 
@@ -85,7 +85,7 @@ async def read_body(request: Request, *, allow_form: bool = True,
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
-    if b"\\u0000" in raw and _has_nul(data):
+    if b"\\u0000" in raw and has_nul(data):
         raise BadRequest(NUL_REFUSED)
     return data
 
@@ -93,15 +93,6 @@ async def read_body(request: Request, *, allow_form: bool = True,
 # No store keeps a NUL character in text (PostgreSQL refuses it): refused at the door.
 NUL_REFUSED = "Text must not contain NUL characters."
 
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def string_field(data: dict[str, Any], name: str, *, required: bool = False,

@@ -14,6 +14,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def has_nul(value: Any) -> bool:
+    """Whether text anywhere in a JSON-like value holds a NUL character, which no store keeps
+    (PostgreSQL refuses it in text and in JSON)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(item) for item in value)
+    return False
+
+
 def normalise_login_id(value: str) -> str:
     """Login ids match case-insensitively and without surrounding space."""
     return value.strip().casefold()

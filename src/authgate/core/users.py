@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Credential, Realm, User, normalise_login_id
+from authgate.core.models import (
+    ClientInfo,
+    Credential,
+    Realm,
+    User,
+    has_nul,
+    normalise_login_id,
+)
 from authgate.core.password_policy import PasswordPolicy
 from authgate.core.ports import Conflict
 from authgate.crypto.passwords import is_supported_hash
@@ -21,6 +28,9 @@ EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 PHONE = re.compile(r"^\+?[0-9][0-9 ().-]{5,30}$")
 USERNAME = re.compile(r"^[^\s@]{1,200}$")
 PROFILE_FIELDS = ("name", "given_name", "middle_name", "family_name", "picture")
+TEXT_FIELDS = ("email", "username", "phone", "password", "password_hash", *PROFILE_FIELDS,
+               "external_id", "status")
+FLAG_FIELDS = ("email_verified", "phone_verified", "is_anonymous")
 MAX_ATTRIBUTES_BYTES = 16 * 1024
 
 
@@ -51,7 +61,27 @@ class ImportReport:
     failed: list[tuple[int, str]] = field(default_factory=list)
 
 
+def _check_types(new: NewUser) -> None:
+    """Fields of the types they are declared with: records from a file or a client may hold
+    anything. Text holds no NUL (no store keeps one)."""
+    for name in TEXT_FIELDS:
+        value = getattr(new, name)
+        if value is not None and (not isinstance(value, str) or "\x00" in value):
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"The field {name} must be text.",
+                            details={"field": name})
+    for name in FLAG_FIELDS:
+        if not isinstance(getattr(new, name), bool):
+            raise AuthError(ErrorCode.INVALID_REQUEST, f"The field {name} must be true or "
+                            "false.", details={"field": name})
+    if not isinstance(new.roles, list) or not all(
+            isinstance(role, str) and 0 < len(role) <= 100 and "\x00" not in role
+            for role in new.roles):
+        raise AuthError(ErrorCode.INVALID_REQUEST, "Roles must be a list of names.",
+                        details={"field": "roles"})
+
+
 def _validate(new: NewUser) -> None:
+    _check_types(new)
     if new.email is not None:
         new.email = new.email.strip()
         if len(new.email) > 320 or not EMAIL.match(new.email):
@@ -76,7 +106,7 @@ def _validate(new: NewUser) -> None:
             raise AuthError(ErrorCode.INVALID_REQUEST, f"The field {name} is too long.",
                             details={"field": name})
     if not isinstance(new.custom_attributes, dict) or len(repr(new.custom_attributes)) > \
-            MAX_ATTRIBUTES_BYTES:
+            MAX_ATTRIBUTES_BYTES or has_nul(new.custom_attributes):
         raise AuthError(ErrorCode.INVALID_REQUEST, "Custom attributes must be a small object.",
                         details={"field": "customAttributes"})
     if new.status not in ("active", "disabled"):
@@ -194,6 +224,8 @@ class Users:
             setattr(user, key, getattr(check, key))
             if key == "email":
                 user.email_verified = False
+            if key == "phone":
+                user.phone_verified = False
         user.updated_at = self.core.now()
         try:
             async with self.core.store.transaction(write=True) as tx:
