@@ -300,6 +300,22 @@ async def test_refresh_keeps_to_the_granted_scope(client, realm):
     assert (await refresh(client, realm, narrower["refresh_token"])).status_code == 200
 
 
+async def test_a_refresh_token_is_refreshed_only_for_the_client_it_was_issued_to(client, realm):
+    email = unique_email()
+    await sign_up(client, realm, email)
+    issued = (await password_grant(client, realm, email, client_id="app-a")).json()
+    other = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": issued["refresh_token"],
+        "client_id": "app-b"})
+    assert other.status_code == 400 and other.json()["error"] == "invalid_grant"
+    same = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": issued["refresh_token"],
+        "client_id": "app-a"})
+    assert same.status_code == 200  # the refused request did not spend the token
+    unnamed = await refresh(client, realm, same.json()["refresh_token"])
+    assert unnamed.status_code == 200  # a client that does not name itself is not refused
+
+
 async def test_a_session_with_no_recorded_grant_cannot_gain_a_scope_on_refresh(client, core,
                                                                               realm):
     """Sessions a dialect started record no scope: there is nothing for a scope to narrow."""

@@ -95,7 +95,7 @@ async def token(request: Request) -> Response:
     if grant_type == "refresh_token":
         raw = string_field(form, "refresh_token", required=True, max_length=512)
         assert raw is not None
-        tokens = await core.sessions.refresh(realm, raw, client,
+        tokens = await core.sessions.refresh(realm, raw, client, client_id=client_id,
                                              scope=string_field(form, "scope", max_length=1000))
         return token_response(tokens)
     raise AuthError(ErrorCode.INVALID_REQUEST,

@@ -121,8 +121,8 @@ class RefreshTokenRepo(Protocol):
         ...
     async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
                           successor_id: str, successor_hash: str, successor_expires_at: datetime,
-                          successor_enc: bytes, touch_before: datetime,
-                          event: AuditEvent) -> tuple[Session, User] | None:
+                          successor_enc: bytes, touch_before: datetime, event: AuditEvent,
+                          client_id: str | None = None) -> tuple[Session, User] | None:
         """Rotate a live token in one atomic step, or change nothing and return None.
 
         Live: the token is neither rotated nor expired, its session belongs to ``realm_id`` and

@@ -163,7 +163,8 @@ class Sessions:
         signer = await self.core.keys.signer(realm)
         id_token = (signer.sign(self.id_claims(realm, user, session, nonce))
                     if with_id_token else None)
-        return Tokens(session=session, user=user, access_token=signer.sign(claims, typ=ACCESS_TOKEN_TYPE),
+        return Tokens(session=session, user=user,
+                      access_token=signer.sign(claims, typ=ACCESS_TOKEN_TYPE),
                       expires_in=access_ttl or self.core.settings.access_token_ttl,
                       refresh_token=raw_refresh,
                       id_token=id_token, claims=claims, scope=scope or session.scope)
@@ -198,35 +199,40 @@ class Sessions:
     async def refresh(self, realm: Realm, raw: str, client: ClientInfo | None = None, *,
                       extra_claims: dict[str, Any] | None = None,
                       with_id_token: bool | None = None, access_ttl: int | None = None,
-                      scope: str | None = None) -> Tokens:
+                      scope: str | None = None, client_id: str | None = None) -> Tokens:
         """Rotate a refresh token. Reuse outside the grace window revokes the session.
 
         ``scope`` may narrow the new access token's scope, never widen it past the session's
-        grant (RFC 6749 §6: INVALID_SCOPE). An ID token comes back when the caller asks for one
-        or, by default, when the session was granted ``openid`` (OIDC Core §12.2)."""
+        grant (RFC 6749 §6: INVALID_SCOPE). ``client_id``, when the client names itself, must
+        be the client the session was issued to, if it was issued to one (§6). An ID token
+        comes back when the caller asks for one or, by default, when the session was granted
+        ``openid`` (OIDC Core §12.2)."""
         requested = normalise_scope(scope)
         if not raw or len(raw) > 512:
             raise AuthError(ErrorCode.INVALID_TOKEN)
-        rotated = await self._rotate_live(realm, raw, client) if requested is None else None
+        rotated = (await self._rotate_live(realm, raw, client, client_id)
+                   if requested is None else None)
         if rotated is not None:
             session, user, successor_raw = rotated
         else:
-            session, user, successor_raw = await self._rotate(realm, raw, client, requested)
+            session, user, successor_raw = await self._rotate(realm, raw, client, requested,
+                                                              client_id)
         if with_id_token is None:
             with_id_token = session.scope is None or "openid" in session.scope.split()
         return await self._tokens(realm, user, session, successor_raw,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
                                   access_ttl=access_ttl, scope=requested)
 
-    async def _rotate_live(self, realm: Realm, raw: str,
-                           client: ClientInfo | None) -> tuple[Session, User, str] | None:
+    async def _rotate_live(self, realm: Realm, raw: str, client: ClientInfo | None,
+                           client_id: str | None) -> tuple[Session, User, str] | None:
         """The common case in one store call: a live token, rotated. None when any check fails
         (nothing changed then): ``_rotate`` finds out what to answer."""
         async with self.core.store.transaction(write=True, single=True) as tx:
-            return await self._rotate_in(tx, realm, digest(raw), client)
+            return await self._rotate_in(tx, realm, digest(raw), client, client_id)
 
     async def _rotate_in(self, tx: Any, realm: Realm, token_hash: str,
-                         client: ClientInfo | None) -> tuple[Session, User, str] | None:
+                         client: ClientInfo | None,
+                         client_id: str | None) -> tuple[Session, User, str] | None:
         now = self.core.now()
         successor_raw = new_token(32)
         event = self.core.audit.event(events.REFRESHED, realm_id=realm.id, client=client)
@@ -236,14 +242,15 @@ class Sessions:
             successor_expires_at=now + timedelta(seconds=self.core.settings.refresh_token_ttl),
             # Kept encrypted on its parent, for the grace window.
             successor_enc=self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token_hash),
-            touch_before=now - TOUCH_INTERVAL, event=event)
+            touch_before=now - TOUCH_INTERVAL, event=event, client_id=client_id)
         if found is None:
             return None
         self.core.audit.counted(event)
         return *found, successor_raw
 
     async def _rotate(self, realm: Realm, raw: str, client: ClientInfo | None,
-                      requested: str | None) -> tuple[Session, User, str]:
+                      requested: str | None,
+                      client_id: str | None = None) -> tuple[Session, User, str]:
         """Every case, one check at a time: a live token is rotated; a token rotated within
         the grace window gives its successor again; any other rotated token is reuse."""
         now = self.core.now()
@@ -251,12 +258,15 @@ class Sessions:
         reused = False
         async with self.core.store.transaction(write=True) as tx:
             token, session, user = await self._refreshable(tx, realm, raw, now, lock=True)
+            if client_id and session.client_id and client_id != session.client_id:
+                raise AuthError(ErrorCode.INVALID_TOKEN,
+                                "The refresh token was issued to another client.")
             # A session with no recorded grant (a dialect's) has nothing a scope can narrow.
             if requested and (session.scope is None
                               or not set(requested.split()) <= set(session.scope.split())):
                 raise AuthError(ErrorCode.INVALID_SCOPE)
             if token.rotated_at is None:
-                rotated = await self._rotate_in(tx, realm, token.token_hash, client)
+                rotated = await self._rotate_in(tx, realm, token.token_hash, client, client_id)
                 if rotated is None:
                     raise AuthError(ErrorCode.INVALID_TOKEN)  # lost a race the lock prevents
                 session, user, successor_raw = rotated

@@ -421,12 +421,13 @@ class RefreshTokenRepo(_Repo):
 
     async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
                           successor_id: str, successor_hash: str, successor_expires_at: datetime,
-                          successor_enc: bytes, touch_before: datetime,
-                          event: m.AuditEvent) -> tuple[m.Session, m.User] | None:
+                          successor_enc: bytes, touch_before: datetime, event: m.AuditEvent,
+                          client_id: str | None = None) -> tuple[m.Session, m.User] | None:
         """PostgreSQL: one statement (a guarded UPDATE and the writes that follow it as
         data-modifying CTEs), so one round trip in autocommit. Elsewhere: one guarded read,
         then the writes, inside the caller's write transaction."""
         params = {"token_hash": token_hash, "realm_id": realm_id, "now": now,
+                  "client_id": client_id,
                   "user_status": "active", "successor_id": successor_id,
                   "successor_hash": successor_hash, "successor_expires_at": successor_expires_at,
                   "successor_enc": successor_enc, "touch_before": touch_before,
@@ -457,12 +458,17 @@ class RefreshTokenRepo(_Repo):
 
 def _live_token() -> Any:
     """The refresh token named by ``token_hash`` is live: not rotated, not expired, its session
-    in ``realm_id`` neither revoked nor expired, its user active."""
+    in ``realm_id`` neither revoked nor expired and issued to ``client_id`` (when both name
+    one), its user active."""
     rt, s, u = t.refresh_tokens.c, t.sessions.c, t.users.c
     now = bindparam("now", type_=t.UTCDateTime())
+    # client_id NULL: coalesce makes the comparison true.
+    same_client = or_(s.client_id.is_(None),
+                      s.client_id == func.coalesce(bindparam("client_id", type_=s.client_id.type),
+                                                   s.client_id))
     return and_(rt.token_hash == bindparam("token_hash"), rt.rotated_at.is_(None),
                 rt.expires_at > now, s.id == rt.session_id, s.realm_id == bindparam("realm_id"),
-                s.revoked_at.is_(None), s.expires_at > now, u.id == s.user_id,
+                s.revoked_at.is_(None), s.expires_at > now, same_client, u.id == s.user_id,
                 u.status == bindparam("user_status"))
 
 
