@@ -79,9 +79,64 @@ async def test_concurrent_attempts_lose_no_count(core: Core, realm: Realm):
 
     key = core.throttle.scoped_key("test", unique_email(), 1000)
     await asyncio.gather(*(core.throttle.attempt([key]) for _ in range(12)))
+    await asyncio.gather(*(core.throttle.spend([key]) for _ in range(7)))
     async with core.store.transaction() as tx:
         state = await tx.throttle.get(key.key)
-    assert state is not None and state.failures == 12
+    assert state is not None and state.pending == 12 and state.failures == 7
+
+
+async def test_sign_ins_sent_at_once_by_the_owner_block_nothing(strict: Core, realm: Realm):
+    """Right passwords over the allowance are told to retry in a second; they are not
+    failures, and the login id is not blocked."""
+    import asyncio
+
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+
+    async def sign_in() -> ErrorCode | None:
+        try:
+            await strict.signin.password(realm, email, PASSWORD, ClientInfo())
+        except AuthError as refused:
+            assert refused.retry_after == 1
+            return refused.code
+        return None
+
+    answers = await asyncio.gather(*(sign_in() for _ in range(8)))
+    assert answers.count(None) >= strict.settings.throttle_free_attempts
+    assert set(answers) <= {None, ErrorCode.TOO_MANY_ATTEMPTS}
+    assert (await strict.signin.password(realm, email, PASSWORD, ClientInfo())).user.email == email
+    async with strict.store.transaction() as tx:  # nothing left counted
+        assert await tx.throttle.get(strict.throttle.login_key(realm.id, email).key) is None
+
+
+async def test_an_attempt_that_ends_in_an_error_is_released(core: Core, realm: Realm):
+    key = core.throttle.scoped_key("test", unique_email(), 1)
+    with pytest.raises(RuntimeError):
+        async with core.throttle.attempting([key]):
+            raise RuntimeError("the check broke")
+    async with core.throttle.attempting([key]) as attempt:  # admitted: nothing is pending
+        async with core.store.transaction(write=True) as tx:
+            await attempt.succeeded(tx)
+
+
+async def test_a_pending_attempt_of_a_crashed_process_lapses(core: Core, realm: Realm):
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    key = core.throttle.scoped_key("test", unique_email(), 1)
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(ThrottleState(key=key.key, failures=0,
+                                             window_started_at=utcnow(), pending=1,
+                                             pending_until=utcnow() + timedelta(seconds=60)))
+    with pytest.raises(AuthError) as busy:
+        await core.throttle.attempt([key])
+    assert busy.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(ThrottleState(key=key.key, failures=0,
+                                             window_started_at=utcnow(), pending=1,
+                                             pending_until=utcnow() - timedelta(seconds=1)))
+    await core.throttle.attempt([key])
 
 
 async def test_a_success_takes_its_attempt_back_from_the_address(strict: Core, realm: Realm):

@@ -289,6 +289,8 @@ class ThrottleState:
     failures: int
     window_started_at: datetime
     blocked_until: datetime | None = None
+    pending: int = 0  # attempts admitted and still being checked
+    pending_until: datetime | None = None  # when a crashed check's pending count lapses
 
 
 @dataclass(slots=True)

@@ -115,7 +115,7 @@ class OrganisationAccess:
         throttle = self.core.throttle
         key = throttle.scoped_key("guest", f"{realm.id}:{(client and client.ip) or '-'}",
                                   self.core.settings.throttle_guest_free_attempts)
-        await throttle.attempt([key])  # every guest counts
+        await throttle.spend([key])  # every guest counts
         email = _contact_email(contact_email)
         new = NewUser(is_anonymous=True,
                       given_name=_name(given_name, "firstname") or

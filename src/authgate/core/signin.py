@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Realm, User
-from authgate.core.throttle import ThrottleKey
+from authgate.core.models import ClientInfo, Credential, Realm, User
+from authgate.core.throttle import Attempt, ThrottleKey
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
@@ -61,31 +61,16 @@ class SignIn:
         creds = [c for c in credentials if c.kind == "password"]
         keys = await self._throttle_keys(realm, login_id, user, client)
         try:
-            await self.core.throttle.attempt(keys)
-        except AuthError:
-            async with self.core.store.transaction(write=True) as tx:
-                await self.core.audit.record(tx, events.THROTTLED, realm_id=realm.id,
-                                             user_id=user.id if user else None, client=client)
+            async with self.core.throttle.attempting(keys) as attempt:
+                await self._verify(realm, login_id, password, user, creds, client, attempt)
+        except AuthError as exc:
+            if exc.code is ErrorCode.TOO_MANY_ATTEMPTS:
+                async with self.core.store.transaction(write=True) as tx:
+                    await self.core.audit.record(tx, events.THROTTLED, realm_id=realm.id,
+                                                 user_id=user.id if user else None,
+                                                 client=client)
             raise
-
-        if user is None or not creds:
-            await self.core.hasher.dummy_verify(password)
-            await self._fail(realm, login_id, None, ErrorCode.USER_NOT_FOUND, client)
         assert user is not None
-        credential = creds[0]
-        result = await self.core.hasher.verify(credential.secret, password)
-        if not result.ok:
-            await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client)
-
-        rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
-        async with self.core.store.transaction(write=True) as tx:
-            # The login id's counter starts afresh; the address keeps its other attempts.
-            await self.core.throttle.succeeded(tx, keys[0], keys[1:])
-            if rehashed is not None:
-                credential.secret, credential.updated_at = rehashed, self.core.now()
-                await tx.credentials.update(credential)
-                await self.core.audit.record(tx, events.PASSWORD_REHASHED,
-                                             realm_id=realm.id, user_id=user.id)
         if user.status != "active":
             # Told only to someone who knows the password.
             raise AuthError(ErrorCode.USER_DISABLED)
@@ -94,10 +79,30 @@ class SignIn:
                                                  enabled=totp)
         return SignedIn(user, amr)
 
-    async def _fail(self, realm: Realm, login_id: str, user: User | None, reason: ErrorCode,
-                    client: ClientInfo) -> None:
-        """The attempt was counted before the password was checked: only the event is left."""
+    async def _verify(self, realm: Realm, login_id: str, password: str, user: User | None,
+                      creds: list[Credential], client: ClientInfo, attempt: Attempt) -> None:
+        """Check the password of an admitted attempt and record how it ended."""
+        if user is None or not creds:
+            await self.core.hasher.dummy_verify(password)
+            await self._fail(realm, login_id, None, ErrorCode.USER_NOT_FOUND, client, attempt)
+        assert user is not None
+        credential = creds[0]
+        result = await self.core.hasher.verify(credential.secret, password)
+        if not result.ok:
+            await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client, attempt)
+        rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
         async with self.core.store.transaction(write=True) as tx:
+            await attempt.succeeded(tx)
+            if rehashed is not None:
+                credential.secret, credential.updated_at = rehashed, self.core.now()
+                await tx.credentials.update(credential)
+                await self.core.audit.record(tx, events.PASSWORD_REHASHED,
+                                             realm_id=realm.id, user_id=user.id)
+
+    async def _fail(self, realm: Realm, login_id: str, user: User | None, reason: ErrorCode,
+                    client: ClientInfo, attempt: Attempt) -> None:
+        async with self.core.store.transaction(write=True) as tx:
+            await attempt.failed(tx)
             await self.core.audit.record(tx, events.SIGN_IN_FAILED, realm_id=realm.id,
                                          user_id=user.id if user else None, client=client,
                                          reason=reason.value, login_id=login_id[:320])

@@ -5,10 +5,13 @@ After a key's free attempts, each further failure blocks it for ``base * 2**(n -
 up to ``max``. A blocked key answers TOO_MANY_ATTEMPTS with the seconds to wait, and does no
 password work. Counters live in the shared store, so every node agrees.
 
-An attempt is counted *before* the work it guards (``attempt``), in one write that locks the
-counters: of many attempts sent at once, each sees the ones before it, so parallel guesses
-cannot all pass a check that none of them has counted yet. An attempt that succeeds is taken
-back (``succeeded``).
+An attempt is admitted *before* the work it guards (``attempt``), in one write that locks the
+counters, and stays pending until it ``failed`` or ``succeeded``: a key admits only as many
+attempts at once as it has free attempts left (one at a time once they are spent), so guesses
+sent together cannot all pass a check that none of them has been counted in. Attempts over the
+allowance are refused for a second, without a block: they were not failures. A success clears
+the login id's failures; a shared address only loses the pending attempt. A pending attempt
+whose process died lapses after ``PENDING_LEASE``.
 
 A login id's owner signing in from a device it has used before is counted under a key of that
 device, so an attacker who only knows the login id cannot lock the owner out of it. Keys hold a
@@ -18,7 +21,8 @@ digest of what the client sent (a login id of any length), never the value itsel
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -30,6 +34,12 @@ from authgate.crypto.tokens import digest
 if TYPE_CHECKING:
     from authgate.core.engine import Core
     from authgate.core.ports import Tx
+
+
+# A pending attempt outlives any check (an Argon2id verification takes milliseconds).
+PENDING_LEASE = timedelta(seconds=60)
+# What an attempt over the allowance is told to wait: the pending ones end within it.
+BUSY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,45 +68,131 @@ class Throttle:
         """A key for another kind of attempt (PINs, codes, API keys)."""
         return ThrottleKey(f"{scope}:{digest(value)}", free_attempts)
 
+    @asynccontextmanager
+    async def attempting(self, keys: list[ThrottleKey]) -> AsyncIterator[Attempt]:
+        """``attempt``, then the body, which says how it ended (``Attempt.failed`` or
+        ``succeeded``, inside its write); a body that ends otherwise (an error, a cancelled
+        request) releases the pending attempt."""
+        await self.attempt(keys)
+        attempt = Attempt(self, keys)
+        try:
+            yield attempt
+        finally:
+            if not attempt.resolved:
+                await self.released(keys)
+
     async def attempt(self, keys: list[ThrottleKey]) -> None:
-        """Count an attempt on every key, before the work it guards; TOO_MANY_ATTEMPTS (and
-        nothing counted) when any key is blocked now."""
+        """Admit an attempt on every key, pending until ``failed`` or ``succeeded``; or
+        TOO_MANY_ATTEMPTS, with nothing counted, when a key is blocked or has as many attempts
+        pending as it allows."""
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
             states = await tx.throttle.lock_many([key.key for key in keys], now)
-            wait = max((self._wait(state, now) for state in states), default=0.0)
+            for state in states:
+                self._expire(state, now)
+            wait = max((self._wait(key, state, now) for key, state in zip(keys, states)),
+                       default=0.0)
             if wait > 0:  # raised inside the transaction: the counters it made are undone
                 raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS,
                                 retry_after=max(1, math.ceil(wait)))
-            for key, state in zip(keys, states):
-                self._count(key, state, now)
+            for state in states:
+                state.pending += 1
+                state.pending_until = now + PENDING_LEASE
                 await tx.throttle.save(state)
+
+    async def failed(self, tx: Tx, keys: list[ThrottleKey]) -> None:
+        """A pending attempt failed: a failure on every key, blocking past the free ones."""
+        now = self.core.now()
+        for key, state in zip(keys, await tx.throttle.lock_many([k.key for k in keys], now)):
+            self._expire(state, now)
+            state.pending = max(0, state.pending - 1)
+            self._fail(key, state, now)
+            await tx.throttle.save(state)
 
     async def succeeded(self, tx: Tx, cleared: ThrottleKey,
                         taken_back: Sequence[ThrottleKey] = ()) -> None:
-        """An attempt succeeded: ``cleared`` starts afresh (its owner proved who they are);
-        each key of ``taken_back`` (an address shared with others) loses this attempt only."""
-        await tx.throttle.clear(cleared.key)
+        """A pending attempt succeeded: ``cleared`` loses its failures (its owner proved who
+        they are); each key of ``taken_back`` (an address shared with others) only loses the
+        pending attempt."""
         now = self.core.now()
-        for key in taken_back:
-            state = (await tx.throttle.lock_many([key.key], now))[0]
-            state.failures = max(0, state.failures - 1)
-            if state.failures < key.free_attempts:
-                state.blocked_until = None
-            await tx.throttle.save(state)
+        keys = [cleared, *taken_back]
+        for key, state in zip(keys, await tx.throttle.lock_many([k.key for k in keys], now)):
+            self._expire(state, now)
+            state.pending = max(0, state.pending - 1)
+            if key is cleared:
+                state.failures, state.blocked_until = 0, None
+            if state.failures == 0 and state.pending == 0:
+                await tx.throttle.clear(key.key)
+            else:
+                await tx.throttle.save(state)
 
-    def _count(self, key: ThrottleKey, state: ThrottleState, now: datetime) -> None:
-        s = self.core.settings
-        if (now - state.window_started_at).total_seconds() > s.throttle_window:
+    async def released(self, keys: list[ThrottleKey]) -> None:
+        """A pending attempt ended with neither answer (an error, a cancelled request)."""
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            for state in await tx.throttle.lock_many([key.key for key in keys], now):
+                state.pending = max(0, state.pending - 1)
+                await tx.throttle.save(state)
+
+    async def spend(self, keys: list[ThrottleKey]) -> None:
+        """Count an attempt that is a failure by itself (a guest made, a mail asked for):
+        TOO_MANY_ATTEMPTS, with nothing counted, while a key is blocked."""
+        now = self.core.now()
+        async with self.core.store.transaction(write=True) as tx:
+            states = await tx.throttle.lock_many([key.key for key in keys], now)
+            for state in states:
+                self._expire(state, now)
+            wait = max((self._blocked_for(state, now) for state in states), default=0.0)
+            if wait > 0:
+                raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS,
+                                retry_after=max(1, math.ceil(wait)))
+            for key, state in zip(keys, states):
+                self._fail(key, state, now)
+                await tx.throttle.save(state)
+
+    def _expire(self, state: ThrottleState, now: datetime) -> None:
+        """Failures outside the window are forgotten; pending attempts past their lease too."""
+        if (now - state.window_started_at).total_seconds() > self.core.settings.throttle_window:
             state.failures, state.window_started_at, state.blocked_until = 0, now, None
+        if state.pending_until is not None and state.pending_until <= now:
+            state.pending, state.pending_until = 0, None
+
+    def _fail(self, key: ThrottleKey, state: ThrottleState, now: datetime) -> None:
+        s = self.core.settings
         state.failures += 1
         over = state.failures - key.free_attempts
         if over >= 0:
             delay = min(s.throttle_base_delay * (2 ** min(over, 30)), s.throttle_max_delay)
             state.blocked_until = now + timedelta(seconds=delay)
 
+    def _wait(self, key: ThrottleKey, state: ThrottleState, now: datetime) -> float:
+        """Seconds before ``key`` admits another attempt (0: now)."""
+        blocked = self._blocked_for(state, now)
+        if blocked > 0:
+            return blocked
+        allowance = max(key.free_attempts - state.failures, 1)
+        return BUSY_SECONDS if state.pending >= allowance else 0.0
+
     @staticmethod
-    def _wait(state: ThrottleState, now: datetime) -> float:
+    def _blocked_for(state: ThrottleState, now: datetime) -> float:
         if state.blocked_until is None or state.blocked_until <= now:
             return 0.0
         return (state.blocked_until - now).total_seconds()
+
+
+class Attempt:
+    """A pending attempt on some keys, for its body to resolve: the first key is the one a
+    success clears (the login id), the others only lose the attempt (the address)."""
+
+    __slots__ = ("_throttle", "keys", "resolved")
+
+    def __init__(self, throttle: Throttle, keys: list[ThrottleKey]) -> None:
+        self._throttle, self.keys, self.resolved = throttle, keys, False
+
+    async def failed(self, tx: Tx) -> None:
+        await self._throttle.failed(tx, self.keys)
+        self.resolved = True
+
+    async def succeeded(self, tx: Tx) -> None:
+        await self._throttle.succeeded(tx, self.keys[0], self.keys[1:])
+        self.resolved = True

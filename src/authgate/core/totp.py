@@ -229,17 +229,18 @@ class Totp:
                          attempt: Callable[[], Awaitable[str]]) -> str:
         throttle = self.core.throttle
         key = throttle.scoped_key("mfa", user.id, self.core.settings.throttle_free_attempts)
-        await throttle.attempt([key])
-        method = await attempt()
-        async with self.core.store.transaction(write=True) as tx:
-            if method:
-                await throttle.succeeded(tx, key)
-                await self.core.audit.record(tx, MFA_VERIFIED, realm_id=realm.id,
-                                             user_id=user.id, client=client,
-                                             method=method)
-            else:
-                await self.core.audit.record(tx, MFA_FAILED, realm_id=realm.id,
-                                             user_id=user.id, client=client)
+        async with throttle.attempting([key]) as pending:
+            method = await attempt()
+            async with self.core.store.transaction(write=True) as tx:
+                if method:
+                    await pending.succeeded(tx)
+                    await self.core.audit.record(tx, MFA_VERIFIED, realm_id=realm.id,
+                                                 user_id=user.id, client=client,
+                                                 method=method)
+                else:
+                    await pending.failed(tx)
+                    await self.core.audit.record(tx, MFA_FAILED, realm_id=realm.id,
+                                                 user_id=user.id, client=client)
         if not method:
             raise AuthError(ErrorCode.INVALID_MFA_CODE)
         return method

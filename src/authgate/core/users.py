@@ -278,11 +278,12 @@ class Users:
                             "the current one.", details={"reason": "same_password"})
         throttle = self.core.throttle
         key = throttle.scoped_key("reauth", user.id, self.core.settings.throttle_free_attempts)
-        await throttle.attempt([key])
-        if not await self.core.signin.check_password(user, old):
+        async with throttle.attempting([key]) as attempt:
+            right = await self.core.signin.check_password(user, old)
+            async with self.core.store.transaction(write=True) as tx:
+                await (attempt.succeeded(tx) if right else attempt.failed(tx))
+        if not right:
             raise AuthError(ErrorCode.WRONG_PASSWORD, "The current password is wrong.")
-        async with self.core.store.transaction(write=True) as tx:
-            await throttle.succeeded(tx, key)
         await self.set_password(realm, user_id, new, keep_session_id=keep_session_id,
                                 client=client)
 

@@ -106,7 +106,7 @@ class Verification:
         key = throttle.scoped_key(f"mail:{purpose}",
                                   f"{realm.id}:{normalise_login_id(login_id)[:320]}",
                                   self.core.settings.throttle_free_attempts)
-        await throttle.attempt([key])
+        await throttle.spend([key])
         user = await self.core.users.find(realm, login_id) if login_id else None
         if user is None or user.status != "active" or not user.email:
             if realm.setting("reveal_unknown_users"):
@@ -158,24 +158,25 @@ class Verification:
         throttle = self.core.throttle
         key = throttle.scoped_key(f"code:{purpose}", f"{realm.id}:{login_id.strip().casefold()}",
                                   self.core.settings.throttle_free_attempts)
-        await throttle.attempt([key])
-        user = await self.core.users.find(realm, login_id) if login_id else None
-        now = self.core.now()
-        async with self.core.store.transaction() as tx:
-            live = await tx.codes.live_for_user(user.id, purpose + _PIN, now) if user else []
-        live = [c for c in live if c.attempts < MAX_CODE_ATTEMPTS]
-        for code in live:
-            if pin and len(pin) <= 32 and same(self._pin_hash(purpose, code.id, pin),
-                                               code.secret_hash):
-                async with self.core.store.transaction(write=True) as tx:
-                    await throttle.succeeded(tx, key)
-                assert user is not None
-                return code, user
-        if live:
+        async with throttle.attempting([key]) as attempt:
+            user = await self.core.users.find(realm, login_id) if login_id else None
+            now = self.core.now()
+            async with self.core.store.transaction() as tx:
+                live = await tx.codes.live_for_user(user.id, purpose + _PIN, now) if user else []
+            live = [c for c in live if c.attempts < MAX_CODE_ATTEMPTS]
+            found = next((code for code in live if pin and len(pin) <= 32 and same(
+                self._pin_hash(purpose, code.id, pin), code.secret_hash)), None)
             async with self.core.store.transaction(write=True) as tx:
-                for code in live:
-                    await tx.codes.add_attempt(code.id)
-        raise AuthError(ErrorCode.INVALID_CODE)
+                if found is not None:
+                    await attempt.succeeded(tx)
+                else:
+                    for code in live:
+                        await tx.codes.add_attempt(code.id)
+                    await attempt.failed(tx)
+        if found is None:
+            raise AuthError(ErrorCode.INVALID_CODE)
+        assert user is not None
+        return found, user
 
     async def _find(self, realm: Realm, purpose: str, *, token: str | None,
                     login_id: str | None, code: str | None) -> tuple[OneTimeCode, User]:

@@ -759,12 +759,13 @@ class ThrottleRepo(_Repo):
         dialect = self.conn.dialect.name
         upsert = pg_insert if dialect == "postgresql" else sqlite_insert
         ensure = _statement(("throttle_ensure", dialect), lambda: upsert(t.throttle_counters)
-                            .values(key=bindparam("key"), failures=bindparam("failures"),
+                            .values(key=bindparam("key"), failures=bindparam("zero"),
+                                    pending=bindparam("zero"),
                                     window_started_at=bindparam("now", type_=t.UTCDateTime()))
                             .on_conflict_do_nothing(index_elements=["key"]))
         ordered = sorted(set(keys))
         for key in ordered:
-            await self.conn.execute(ensure, {"key": key, "failures": 0, "now": now})
+            await self.conn.execute(ensure, {"key": key, "zero": 0, "now": now})
         locked = _statement(("throttle_lock", len(ordered)), lambda: select(t.throttle_counters)
                             .where(c.key.in_([bindparam(f"k{i}") for i in range(len(ordered))]))
                             .order_by(c.key).with_for_update())

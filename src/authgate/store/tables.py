@@ -353,4 +353,7 @@ throttle_counters = Table(
     Column("failures", Integer, nullable=False),
     Column("window_started_at", UTCDateTime(), nullable=False),
     Column("blocked_until", UTCDateTime()),
+    # Attempts admitted and still being checked; a crashed check's count lapses at the lease.
+    Column("pending", Integer, nullable=False, server_default="0"),
+    Column("pending_until", UTCDateTime()),
 )
