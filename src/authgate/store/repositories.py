@@ -775,16 +775,23 @@ class ThrottleRepo(_Repo):
 
     async def save(self, state: m.ThrottleState) -> None:
         """Upsert: two nodes may record the first failure of a key at the same moment."""
-        values = asdict(state)
-        upsert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
-        statement = upsert(t.throttle_counters).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=["key"], set_={k: v for k, v in values.items() if k != "key"})
-        await self.conn.execute(statement)
+        dialect = self.conn.dialect.name
+
+        def build() -> Any:
+            upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+            statement = upsert(t.throttle_counters).values(
+                {c.name: bindparam(c.name, type_=c.type) for c in t.throttle_counters.c})
+            return statement.on_conflict_do_update(index_elements=["key"], set_={
+                c.name: statement.excluded[c.name] for c in t.throttle_counters.c
+                if c.name != "key"})
+
+        await self.conn.execute(_statement(("throttle_save", dialect), build), _values(state))
 
     async def clear(self, key: str) -> None:
-        await self.conn.execute(delete(t.throttle_counters).where(
-            t.throttle_counters.c.key == key))
+        c = t.throttle_counters.c
+        statement = _statement(("throttle_clear",), lambda: delete(t.throttle_counters).where(
+            c.key == bindparam("key")))
+        await self.conn.execute(statement, {"key": key})
 
 
 class HousekeepingRepo:
