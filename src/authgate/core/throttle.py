@@ -98,16 +98,17 @@ class Throttle:
             for state in states:
                 state.pending += 1
                 state.pending_until = now + PENDING_LEASE
-                await tx.throttle.save(state)
+            await tx.throttle.save(*states)
 
     async def failed(self, tx: Tx, keys: list[ThrottleKey]) -> None:
         """A pending attempt failed: a failure on every key, blocking past the free ones."""
         now = self.core.now()
-        for key, state in zip(keys, await tx.throttle.lock_many([k.key for k in keys], now)):
+        states = await tx.throttle.lock_many([key.key for key in keys], now)
+        for key, state in zip(keys, states):
             self._expire(state, now)
             state.pending = max(0, state.pending - 1)
             self._fail(key, state, now)
-            await tx.throttle.save(state)
+        await tx.throttle.save(*states)
 
     async def succeeded(self, tx: Tx, cleared: ThrottleKey,
                         taken_back: Sequence[ThrottleKey] = ()) -> None:
@@ -116,23 +117,27 @@ class Throttle:
         pending attempt."""
         now = self.core.now()
         keys = [cleared, *taken_back]
+        kept = []
         for key, state in zip(keys, await tx.throttle.lock_many([k.key for k in keys], now)):
             self._expire(state, now)
             state.pending = max(0, state.pending - 1)
             if key is cleared:
                 state.failures, state.blocked_until = 0, None
-            if state.failures == 0 and state.pending == 0:
-                await tx.throttle.clear(key.key)
+            if state.failures or state.pending:
+                kept.append(state)
             else:
-                await tx.throttle.save(state)
+                await tx.throttle.clear(key.key)
+        if kept:
+            await tx.throttle.save(*kept)
 
     async def released(self, keys: list[ThrottleKey]) -> None:
         """A pending attempt ended with neither answer (an error, a cancelled request)."""
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
-            for state in await tx.throttle.lock_many([key.key for key in keys], now):
+            states = await tx.throttle.lock_many([key.key for key in keys], now)
+            for state in states:
                 state.pending = max(0, state.pending - 1)
-                await tx.throttle.save(state)
+            await tx.throttle.save(*states)
 
     async def spend(self, keys: list[ThrottleKey]) -> None:
         """Count an attempt that is a failure by itself (a guest made, a mail asked for):
@@ -148,7 +153,7 @@ class Throttle:
                                 retry_after=max(1, math.ceil(wait)))
             for key, state in zip(keys, states):
                 self._fail(key, state, now)
-                await tx.throttle.save(state)
+            await tx.throttle.save(*states)
 
     def _expire(self, state: ThrottleState, now: datetime) -> None:
         """Failures outside the window are forgotten; pending attempts past their lease too."""

@@ -58,7 +58,9 @@ class Compiled:
             impl = compiled.binds[name].type.dialect_impl(dialect)
             binds.append((name, impl.bind_processor(dialect)))
         columns = []
-        selected = statement.selected_columns if not is_dml else ()
+        # A DML statement's rows are its RETURNING columns.
+        selected = (statement.selected_columns if not is_dml
+                    else compiled.effective_returning or ())
         for column in selected:
             impl = column.type.dialect_impl(dialect)
             columns.append((column.name, impl.result_processor(dialect, None)))

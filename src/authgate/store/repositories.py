@@ -752,40 +752,50 @@ class ThrottleRepo(_Repo):
 
     async def lock_many(self, keys: Sequence[str], now: datetime) -> list[m.ThrottleState]:
         """The counters of ``keys`` (made, at zero, where absent), locked until the end of the
-        write transaction, in the order given. Rows are made and locked in key order, so two
-        transactions locking overlapping keys cannot deadlock; SQLite's write transaction is
-        exclusive already."""
-        c = t.throttle_counters.c
-        dialect = self.conn.dialect.name
-        upsert = pg_insert if dialect == "postgresql" else sqlite_insert
-        ensure = _statement(("throttle_ensure", dialect), lambda: upsert(t.throttle_counters)
-                            .values(key=bindparam("key"), failures=bindparam("zero"),
-                                    pending=bindparam("zero"),
-                                    window_started_at=bindparam("now", type_=t.UTCDateTime()))
-                            .on_conflict_do_nothing(index_elements=["key"]))
+        write transaction, in the order given: one statement, an upsert that changes nothing
+        and returns the rows. Rows are made and locked in key order, so two transactions
+        locking overlapping keys cannot deadlock; SQLite's write transaction is exclusive."""
         ordered = sorted(set(keys))
-        for key in ordered:
-            await self.conn.execute(ensure, {"key": key, "zero": 0, "now": now})
-        locked = _statement(("throttle_lock", len(ordered)), lambda: select(t.throttle_counters)
-                            .where(c.key.in_([bindparam(f"k{i}") for i in range(len(ordered))]))
-                            .order_by(c.key).with_for_update())
-        rows = await self.conn.execute(locked, {f"k{i}": key for i, key in enumerate(ordered)})
-        states = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
-        return [states[key] for key in keys]
-
-    async def save(self, state: m.ThrottleState) -> None:
-        """Upsert: two nodes may record the first failure of a key at the same moment."""
         dialect = self.conn.dialect.name
+        table = t.throttle_counters
 
         def build() -> Any:
             upsert = pg_insert if dialect == "postgresql" else sqlite_insert
-            statement = upsert(t.throttle_counters).values(
-                {c.name: bindparam(c.name, type_=c.type) for c in t.throttle_counters.c})
-            return statement.on_conflict_do_update(index_elements=["key"], set_={
-                c.name: statement.excluded[c.name] for c in t.throttle_counters.c
-                if c.name != "key"})
+            statement = upsert(table).values([
+                {"key": bindparam(f"k{i}"), "failures": bindparam("zero"),
+                 "pending": bindparam("zero"),
+                 "window_started_at": bindparam("now", type_=t.UTCDateTime())}
+                for i in range(len(ordered))])
+            return statement.on_conflict_do_update(
+                index_elements=["key"], set_={"failures": table.c.failures}  # no change
+            ).returning(*table.c)
 
-        await self.conn.execute(_statement(("throttle_save", dialect), build), _values(state))
+        statement = _statement(("throttle_lock", dialect, len(ordered)), build)
+        rows = await self.conn.execute(statement, {"zero": 0, "now": now, **{
+            f"k{i}": key for i, key in enumerate(ordered)}})
+        states = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+        return [states[key] for key in keys]
+
+    async def save(self, *states: m.ThrottleState) -> None:
+        """Write counters back (an upsert: the rows exist once locked, but a counter may be
+        saved without being locked first)."""
+        states = tuple({state.key: state for state in states}.values())  # each row once
+        dialect = self.conn.dialect.name
+        table = t.throttle_counters
+        names = [c.name for c in table.c]
+
+        def build() -> Any:
+            upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+            statement = upsert(table).values([
+                {name: bindparam(f"{name}_{i}", type_=table.c[name].type) for name in names}
+                for i in range(len(states))])
+            return statement.on_conflict_do_update(index_elements=["key"], set_={
+                name: statement.excluded[name] for name in names if name != "key"})
+
+        statement = _statement(("throttle_save", dialect, len(states)), build)
+        await self.conn.execute(statement, {f"{name}_{i}": value for i, state in
+                                            enumerate(states)
+                                            for name, value in _values(state).items()})
 
     async def clear(self, key: str) -> None:
         c = t.throttle_counters.c
