@@ -109,7 +109,7 @@ def wrk(url: str, *, seconds: int, connections: int, threads: int, script: Path 
     if script is not None:
         command += ["-s", str(script)]
     result = subprocess.run([*command, url], capture_output=True, text=True, check=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "LUA_PATH": f"{LUA}/?.lua;;", **(env or {})})
     return parse_wrk(result.stdout)
 
 

@@ -1,22 +1,11 @@
 -- Each wrk thread owns one connection and one refresh-token chain: it sends its current token
 -- and takes the successor from each response, as a real client does.
-local counter = 0
-local threads = {}
+local own = require("own")
 
-function setup(thread)
-  counter = counter + 1
-  thread:set("index", counter)
-  table.insert(threads, thread)
-end
+setup = own.number_threads
 
 function init(args)
-  local file = io.open(os.getenv("AUTHGATE_BENCH_TOKENS"))
-  local n = 0
-  for line in file:lines() do
-    n = n + 1
-    if n == index then token = line end
-  end
-  file:close()
+  token = own.own_line(os.getenv("AUTHGATE_BENCH_TOKENS"))
   failures = 0
 end
 
