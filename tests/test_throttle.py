@@ -109,6 +109,19 @@ async def test_sign_ins_sent_at_once_by_the_owner_block_nothing(strict: Core, re
         assert await tx.throttle.get(strict.throttle.login_key(realm.id, email).key) is None
 
 
+async def test_attempts_over_the_allowance_wait_without_counting_as_failures(core: Core,
+                                                                             realm: Realm):
+    key = core.throttle.scoped_key("test", unique_email(), 2)
+    await core.throttle.attempt([key])
+    await core.throttle.attempt([key])
+    with pytest.raises(AuthError) as busy:
+        await core.throttle.attempt([key])
+    assert busy.value.code is ErrorCode.TOO_MANY_ATTEMPTS and busy.value.retry_after == 1
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert (state.pending, state.failures, state.blocked_until) == (2, 0, None)
+
+
 async def test_an_attempt_that_ends_in_an_error_is_released(core: Core, realm: Realm):
     key = core.throttle.scoped_key("test", unique_email(), 1)
     with pytest.raises(RuntimeError):
