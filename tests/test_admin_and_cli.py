@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -189,3 +190,50 @@ def test_a_trusted_proxy_that_is_not_a_network_is_named(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as raised:
         load_settings(data_dir=tmp_path)
     assert "AUTHGATE_TRUSTED_PROXIES" in str(raised.value) and "not-an-ip" in str(raised.value)
+
+
+async def test_admin_events_name_the_administrator_who_acted(client, core):
+    """Every audit event of an admin request carries the administrator's user and session."""
+    from authgate.core.realms import DEFAULT_REALM
+    from authgate.core.users import NewUser
+
+    realm = await core.realms.require(DEFAULT_REALM)
+    email = f"acting-admin-{uuid.uuid4().hex[:8]}@example.com"
+    chief = await core.users.create(realm, NewUser(email=email, password="admin passphrase!!",
+                                                   roles=["admin"]))
+    tokens = (await client.post("/oauth/token", data={
+        "grant_type": "password", "username": email, "password": "admin passphrase!!"})).json()
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+    created = await client.post(f"/admin/realms/{realm.name}/users", headers=bearer, data={
+        "email": f"made-{uuid.uuid4().hex[:8]}@example.com", "email_verified": "false"})
+    assert created.status_code == 201 and created.json()["email_verified"] is False
+    user_id = created.json()["id"]
+    assert (await client.post(f"/admin/realms/{realm.name}/users/{user_id}/disable",
+                              headers=bearer)).status_code == 200
+    events = [e for e in await core.audit.recent(realm.id, user_id=user_id)]
+    assert {e.type for e in events} >= {"admin.user_created", "admin.action"}
+    import jwt
+
+    sid = jwt.decode(tokens["access_token"], options={"verify_signature": False})["sid"]
+    for event in events:
+        assert (event.data["actor"], event.data["actor_session"]) == (chief.id, sid)
+    # A request that is not an admin's records no actor.
+    signed_in = await core.audit.recent(realm.id, user_id=chief.id)
+    assert all("actor" not in e.data for e in signed_in)
+
+
+async def test_changing_a_membership_is_audited_with_what_it_was(core):
+    from authgate.core.realms import DEFAULT_REALM
+    from authgate.core.users import NewUser
+
+    realm = await core.realms.require(DEFAULT_REALM)
+    org = await core.organisations.create(realm, f"audited-{uuid.uuid4().hex[:8]}")
+    user = await core.users.create(realm, NewUser(email=f"m-{uuid.uuid4().hex[:8]}@example.com"))
+    await core.organisations.add_member(realm, org, user.id, roles=["user"])
+    await core.organisations.add_member(realm, org, user.id, roles=["user"])  # no change
+    await core.organisations.add_member(realm, org, user.id, roles=["owner"], status="inactive")
+    updated = [e for e in await core.audit.recent(realm.id, user_id=user.id)
+               if e.type == "membership.updated"]
+    assert len(updated) == 1
+    assert updated[0].data["before"] == {"roles": ["user"], "status": "active"}
+    assert (updated[0].data["roles"], updated[0].data["status"]) == (["owner"], "inactive")

@@ -119,3 +119,26 @@ async def test_a_nul_in_a_dialect_path_is_refused_in_the_dialect_shape(client, c
     assert response.status_code == 400
     assert response.json() == {"success": False,
                                "msg": "Text must not contain NUL characters."}
+
+
+async def test_a_nul_inside_a_token_is_bad_input_not_a_server_error(client, realm):
+    """Text inside a JWT (a header's kid, an unverified audience) reaches lookups: a NUL there
+    is refused like one in a body."""
+    import base64
+    import json
+
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    forged = ".".join([part({"alg": "EdDSA", "kid": "a\u0000b", "typ": "at+jwt"}),
+                       part({"sub": "x", "sid": "y"}), "c2ln"])
+    response = await client.get(realm_url(realm, "/userinfo"),
+                                headers={"Authorization": f"Bearer {forged}"})
+    assert response.status_code == 401 and response.json()["error"] == "invalid_token"
+    custom = ".".join([part({"alg": "HS256", "typ": "JWT"}),
+                       part({"aud": "http://authgate.test/projects/a\u0000b", "sub": "x"}),
+                       "c2ln"])
+    response = await client.post("/tiledesk/auth/signinWithCustomToken",
+                                 headers={"Authorization": f"JWT {custom}"})
+    assert 400 <= response.status_code < 500, response.text
+    assert "Traceback" not in response.text

@@ -247,3 +247,20 @@ async def test_malformed_requests_get_messages_not_500s(client, api_key):
     wrong_method = await client.get(LOGIN, params={"APIKey": api_key})
     assert wrong_method.status_code == 405
     assert "Message" in wrong_method.json()
+
+
+@pytest.mark.parametrize("ending", ["password", "disabled"])
+async def test_a_new_password_or_a_disabled_account_ends_reauthentication_tokens(
+        client, core, realm, api_key, member, ending):
+    """A re-authentication token signs in without the password: a password reset (the usual
+    recovery from a stolen one) or disabling the account must end it, not only the sessions."""
+    stolen = (await client.post(LOGIN, params={"APIKey": api_key}, json=login_body(
+        member["email"], deviceName="pixel", generateReAuthenticationToken=True))).json()
+    if ending == "password":
+        await core.users.set_password(realm, member["id"], "a brand new passphrase")
+    else:
+        await core.users.set_status(realm, member["id"], "disabled")
+        await core.users.set_status(realm, member["id"], "active")  # and back again
+    replayed = await client.post(TOKEN_LOGIN, params={"APIKey": api_key},
+                                 json={"reAuthenticationToken": stolen["ReAuthenticationToken"]})
+    assert replayed.status_code == 401, replayed.text

@@ -3,6 +3,7 @@ default realm (checked against the stored user on every call, not only the token
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -10,7 +11,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from authgate.api.account import user_json
 from authgate.api.deps import get_admin, get_core
 from authgate.api.errors import native
-from authgate.api.surface import NO_STORE, BadRequest, JSONResponse, read_body, string_field
+from authgate.api.surface import (
+    NO_STORE,
+    BadRequest,
+    JSONResponse,
+    bool_field,
+    read_body,
+    string_field,
+)
+from authgate.core.audit import ACTOR
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import AuditEvent, Realm
 from authgate.core.realms import DEFAULT_REALM
@@ -20,11 +29,20 @@ from authgate.core.users import NewUser
 router = APIRouter(prefix="/admin", route_class=native.route_class, tags=["admin"])
 
 
-async def admin(request: Request, principal: Principal = Depends(get_admin)) -> Principal:
+async def admin(request: Request,
+                principal: Principal = Depends(get_admin)) -> AsyncIterator[Principal]:
+    """An active administrator; every audit event of the request names them as its actor."""
     user = await get_core(request).users.get(principal.realm, principal.user_id)
     if "admin" not in user.roles or user.status != "active":
         raise AuthError(ErrorCode.FORBIDDEN, "Administrator role required.")
-    return principal
+    token = ACTOR.set({"actor": principal.user_id, "actor_session": principal.session.id})
+    try:
+        yield principal
+    finally:
+        try:
+            ACTOR.reset(token)
+        except ValueError:  # torn down in another context: that context ends with the request
+            pass
 
 
 def realm_json(realm: Realm) -> dict[str, Any]:
@@ -84,7 +102,7 @@ async def create_user(realm_name: str, request: Request,
                   password=string_field(body, "password",
                                         max_length=core.settings.password_max_length),
                   name=string_field(body, "name", max_length=200), roles=roles,
-                  email_verified=bool(body.get("email_verified", False)))
+                  email_verified=bool_field(body, "email_verified"))
     user = await core.users.create(realm, new, event="admin.user_created")
     return JSONResponse(user_json(user), status_code=201, headers=NO_STORE)
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, has_nul
+from authgate.core.ports import UnstorableText
 
 log = structlog.get_logger("authgate.http")
 
@@ -209,6 +210,8 @@ class Surface:
             return self.render_http(request, exc)
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             return self.render_bad_request(request, BadRequest("The request body is malformed."))
+        if isinstance(exc, UnstorableText):
+            return self.render_bad_request(request, BadRequest(NUL_REFUSED))
         raise exc
 
     @property
@@ -224,7 +227,7 @@ class Surface:
                     try:
                         return await handler(request)
                     except (AuthError, BadRequest, RequestValidationError, HTTPException,
-                            json.JSONDecodeError, UnicodeDecodeError) as exc:
+                            json.JSONDecodeError, UnicodeDecodeError, UnstorableText) as exc:
                         return surface.handle(request, exc)
 
                 return guarded

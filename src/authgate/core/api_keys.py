@@ -87,7 +87,7 @@ class ApiKeys:
         async with self.core.store.transaction() as tx:
             return await tx.api_keys.list(realm.id)
 
-    async def revoke(self, realm: Realm, key_id: str, *, actor: str = "admin") -> ApiKey:
+    async def revoke(self, realm: Realm, key_id: str, *, actor: str | None = None) -> ApiKey:
         """Revoke a key by its id or its prefix."""
         keys = [k for k in await self.list(realm) if key_id in (k.id, k.prefix)]
         if len(keys) != 1:
@@ -100,6 +100,7 @@ class ApiKeys:
             await tx.api_keys.revoke(key.id, now)
             await self.core.audit.record(tx, API_KEY_REVOKED, realm_id=realm.id,
                                          organisation_id=key.organisation_id,
-                                         api_key_id=key.id, actor=actor)
+                                         api_key_id=key.id,
+                                         **({"actor": actor} if actor else {}))
         key.revoked_at = now
         return key

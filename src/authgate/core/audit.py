@@ -6,6 +6,7 @@ Events are written in the same transaction as the change they describe, and coun
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
@@ -17,6 +18,10 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 EVENTS = Counter("authgate_events_total", "Audit events recorded, by type", ["type"])
+
+# Who is acting, for every event recorded while they do: set by the surface that authenticated
+# them (an administrator through the admin API), recorded in each event's data.
+ACTOR: ContextVar[dict[str, str] | None] = ContextVar("authgate_audit_actor", default=None)
 _COUNTERS: dict[str, Any] = {}
 
 # The event types, by name. Stable: dashboards and queries depend on them.
@@ -56,6 +61,9 @@ class Audit:
               client: ClientInfo | None = None, **data: Any) -> AuditEvent:
         """An event to hand to a repository that records it as part of a larger write; call
         ``counted`` once that write is done."""
+        actor = ACTOR.get()
+        if actor is not None:
+            data = {**actor, **data}
         return AuditEvent(
             type=type, realm_id=realm_id, at=self.core.now(), user_id=user_id,
             session_id=session_id, organisation_id=organisation_id,

@@ -14,7 +14,7 @@ stored as SHA-256 digests. Revoking a device revokes its token and ends its sess
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from authgate.core.errors import AuthError, ErrorCode
@@ -180,13 +180,20 @@ class Devices:
                                        client: ClientInfo | None = None) -> int:
         """Revoke the re-authentication tokens of every device of the user."""
         now = self.core.now()
-        count = 0
         async with self.core.store.transaction(write=True) as tx:
-            for device in await tx.devices.for_user(user_id):
-                if device.realm_id == realm.id:
-                    count += await tx.reauth_tokens.revoke_for_device(device.id, now)
+            count = await self.revoke_reauth_tokens_in(tx, realm, user_id, now)
             await self.core.audit.record(tx, REAUTH_TOKENS_REVOKED, realm_id=realm.id,
                                          user_id=user_id, client=client, count=count)
+        return count
+
+    @staticmethod
+    async def revoke_reauth_tokens_in(tx: Tx, realm: Realm, user_id: str, now: datetime) -> int:
+        """Inside a write that ends a user's sign-ins (a new password, a disabled account):
+        a re-authentication token signs in without the password, so it ends with them."""
+        count = 0
+        for device in await tx.devices.for_user(user_id):
+            if device.realm_id == realm.id:
+                count += await tx.reauth_tokens.revoke_for_device(device.id, now)
         return count
 
     # Re-authentication tokens.

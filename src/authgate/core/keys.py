@@ -11,6 +11,7 @@ verifying on every node within ``key_cache_seconds``.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from authgate.core.engine import Core
 
 _PURPOSE = "signing-key"
+KID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # RFC 7638 thumbprints, base64url
 _LEEWAY = 30  # seconds of clock skew tolerated on exp / iat
 _VERIFIED_CACHE_SIZE = 8192
 
@@ -168,8 +170,8 @@ class Keys:
         try:
             header = jwtlib.unverified_header(token)
             kid = header.get("kid")
-            if not isinstance(kid, str):
-                raise AuthError(ErrorCode.INVALID_TOKEN)
+            if not isinstance(kid, str) or not KID.fullmatch(kid):
+                raise AuthError(ErrorCode.INVALID_TOKEN)  # not one of ours: not looked up
             if typ is not None and not jwtlib.has_type(header, typ):
                 raise AuthError(ErrorCode.INVALID_TOKEN)
             realm_id, alg, key = await self.public_key(kid)

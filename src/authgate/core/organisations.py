@@ -131,8 +131,13 @@ class Organisations:
         now = self.core.now()
         existing = await tx.memberships.find(org.id, user_id)
         if existing is not None:
+            before = {"roles": existing.roles, "status": existing.status}
             existing.roles, existing.status, existing.updated_at = roles, status, now
             await tx.memberships.update(existing)
+            if before != {"roles": roles, "status": status}:
+                await self.core.audit.record(tx, "membership.updated", realm_id=realm.id,
+                                             user_id=user_id, organisation_id=org.id,
+                                             before=before, roles=roles, status=status)
             return existing
         membership = Membership(id=new_id(), realm_id=realm.id, organisation_id=org.id,
                                 user_id=user_id, roles=roles, status=status,

@@ -36,6 +36,11 @@ class Conflict(Exception):
     """A uniqueness rule was broken (e.g. a login id already taken)."""
 
 
+class UnstorableText(ValueError):
+    """Text the store cannot keep or look up (a NUL character, which PostgreSQL refuses):
+    bad input, wherever in a request it came from (a JWT header, a claim)."""
+
+
 class RealmRepo(Protocol):
     async def add(self, realm: Realm) -> None: ...
     async def get(self, realm_id: str) -> Realm | None: ...

@@ -237,7 +237,7 @@ class Users:
         return user
 
     async def set_status(self, realm: Realm, user_id: str, status: str, *,
-                         actor: str = "admin") -> User:
+                         actor: str | None = None) -> User:
         if status not in ("active", "disabled"):
             raise AuthError(ErrorCode.INVALID_REQUEST, "Unknown user status.")
         user = await self.get(realm, user_id)
@@ -247,8 +247,10 @@ class Users:
             await tx.users.update(user)
             if status == "disabled":
                 await tx.sessions.revoke_for_user(user.id, now, "user_disabled")
+                await self.core.devices.revoke_reauth_tokens_in(tx, realm, user.id, now)
             await self.core.audit.record(tx, events.ADMIN_ACTION, realm_id=realm.id,
-                                         user_id=user.id, action=f"user.{status}", actor=actor)
+                                         user_id=user.id, action=f"user.{status}",
+                                         **({"actor": actor} if actor else {}))
         return user
 
     async def set_password(self, realm: Realm, user_id: str, password: str, *,
@@ -265,6 +267,7 @@ class Users:
                                                 secret=secret, created_at=now, updated_at=now))
             await tx.sessions.revoke_for_user(user.id, now, "password_changed",
                                               except_session_id=keep_session_id)
+            await self.core.devices.revoke_reauth_tokens_in(tx, realm, user.id, now)
             await self.core.audit.record(tx, events.PASSWORD_CHANGED, realm_id=realm.id,
                                          user_id=user.id, client=client)
 

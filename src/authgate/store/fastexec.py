@@ -22,6 +22,8 @@ import orjson
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
+from authgate.core.ports import UnstorableText
+
 
 class Prebuilt:
     """A statement built once with bound parameters, marked for the thin executor. A ``keyed``
@@ -193,6 +195,8 @@ async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statemen
         status = await connection.execute(compiled.sql, *arguments)
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise IntegrityError(compiled.sql, None, exc) from None
+    except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError):
+        raise UnstorableText("text with a character the database cannot keep") from None
     count = status.rsplit(" ", 1)[-1]
     return Result([], int(count) if count.isdigit() else 0)
 
