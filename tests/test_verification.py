@@ -283,3 +283,15 @@ async def test_purposes_do_not_mix(core, realm, smtp_server):
     with pytest.raises(AuthError):
         await core.verification.reset_password(realm, NEW_PASSWORD, token=token)
     assert (await core.verification.confirm_email(realm, token=token)).email_verified
+
+
+async def test_a_reset_for_an_unknown_account_is_recorded_and_sends_nothing(core, realm):
+    """Both answers do a durable write: the unknown account's is its audit event."""
+    login_id = unique_email("nobody")
+    await core.verification.request_password_reset(realm, login_id)
+    [event] = [e for e in await core.audit.recent(realm.id, limit=20)
+               if e.type == "user.password_reset_requested"]
+    assert event.user_id is None
+    assert event.data["sent"] is False and event.data["login_id"] == login_id
+    async with core.store.transaction() as tx:
+        assert [m for m in await tx.outbox.due(utcnow(), 100) if m.recipient == login_id] == []
