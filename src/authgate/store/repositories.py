@@ -692,8 +692,10 @@ class OneTimeCodeRepo(_Repo):
 
     async def invalidate_for_user(self, user_id: str, purpose: str, at: datetime) -> None:
         c = t.one_time_codes.c
-        await self._set(and_(c.user_id == user_id, c.purpose == purpose,
-                             c.consumed_at.is_(None)), consumed_at=at)
+        statement = _statement(("codes_invalidate",), lambda: update(t.one_time_codes).where(
+            c.user_id == bindparam("user_id"), c.purpose == bindparam("purpose"),
+            c.consumed_at.is_(None)).values(consumed_at=bindparam("at", type_=c.consumed_at.type)))
+        await self.conn.execute(statement, {"user_id": user_id, "purpose": purpose, "at": at})
 
 
 class AuditRepo(_Repo):
