@@ -314,12 +314,19 @@ class MembershipRepo(_Repo):
 
     async def record_failure(self, membership_id: str, lock_after: int | None,
                              locked_until: datetime) -> m.Membership | None:
-        """Count one failure atomically; lock when the count reaches ``lock_after``."""
+        """Count one failure atomically; lock when the count reaches ``lock_after``. Prebuilt:
+        it runs on every wrong password of an identity with organisations."""
         c = t.memberships.c
-        await self._set(c.id == membership_id, failed_attempts=c.failed_attempts + 1)
+        counted = _statement(("membership_failure",), lambda: update(t.memberships).where(
+            c.id == bindparam("id")).values(failed_attempts=c.failed_attempts + bindparam("one")))
+        await self.conn.execute(counted, {"id": membership_id, "one": 1})
         if lock_after is not None:
-            await self._set(and_(c.id == membership_id, c.failed_attempts >= lock_after,
-                                 c.locked_until.is_(None)), locked_until=locked_until)
+            locked = _statement(("membership_lock",), lambda: update(t.memberships).where(
+                c.id == bindparam("id"), c.failed_attempts >= bindparam("lock_after"),
+                c.locked_until.is_(None)).values(
+                    locked_until=bindparam("locked_until", type_=c.locked_until.type)))
+            await self.conn.execute(locked, {"id": membership_id, "lock_after": lock_after,
+                                             "locked_until": locked_until})
         return await self.get(membership_id)
 
 
