@@ -47,7 +47,8 @@ class Prebuilt:
 @dataclass(slots=True)
 class Compiled:
     sql: str
-    binds: list[tuple[str, Callable[[Any], Any] | None]]
+    # name, bind processor, and the value of a literal (``column + 1``: a bind SQLAlchemy made)
+    binds: list[tuple[str, Callable[[Any], Any] | None, Any]]
     columns: list[tuple[str, Callable[[Any], Any] | None]]
     returns_rows: bool
 
@@ -57,22 +58,16 @@ class Compiled:
         compiled = statement.compile(dialect=dialect, column_keys=list(names) if names else None)
         binds = []
         for name in compiled.positiontup or ():
-            impl = compiled.binds[name].type.dialect_impl(dialect)
-            binds.append((name, impl.bind_processor(dialect)))
-        columns = []
-        # A DML statement's rows are its RETURNING columns.
-        selected = (statement.selected_columns if not is_dml
-                    else compiled.effective_returning or ())
-        for column in selected:
-            impl = column.type.dialect_impl(dialect)
-            columns.append((column.name, impl.result_processor(dialect, None)))
+            bind = compiled.binds[name]
+            impl = bind.type.dialect_impl(dialect)
+            binds.append((name, impl.bind_processor(dialect), bind.value))
         returns_rows = not is_dml or bool(compiled.effective_returning)
-        return cls(compiled.string, binds, columns, returns_rows)
+        return cls(compiled.string, binds, _columns(statement, compiled, dialect), returns_rows)
 
     def arguments(self, params: dict[str, Any]) -> list[Any]:
         values = []
-        for name, process in self.binds:
-            value = params.get(name)
+        for name, process, literal in self.binds:
+            value = params.get(name, literal)
             values.append(process(value) if process is not None else value)
         return values
 
@@ -82,6 +77,16 @@ class Compiled:
         values = [process(v) if process is not None else v
                   for (_, process), v in zip(self.columns, raw)]
         return Row(values, self.columns)
+
+
+def _columns(statement: Any, compiled: Any,
+             dialect: Dialect) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """The result columns and their processors: a query's selected columns, a DML statement's
+    RETURNING columns."""
+    selected = (getattr(statement, "selected_columns", ()) if not statement.is_dml
+                else compiled.effective_returning or ())
+    return [(column.name, column.type.dialect_impl(dialect).result_processor(dialect, None))
+            for column in selected]
 
 
 class Row:
@@ -169,13 +174,10 @@ def compile_dynamic(statement: Any, dialect: Dialect,
         if bind is None:
             bind = compiled.binds[name.rsplit("_", 1)[0]]
         impl = bind.type.dialect_impl(dialect)
-        binds.append((name, impl.bind_processor(dialect)))
-    columns = []
-    for column in (getattr(statement, "selected_columns", ()) if not statement.is_dml else ()):
-        impl = column.type.dialect_impl(dialect)
-        columns.append((column.name, impl.result_processor(dialect, None)))
+        binds.append((name, impl.bind_processor(dialect), None))  # literals are in ``values``
     returns_rows = not statement.is_dml or bool(compiled.effective_returning)
-    shape = Compiled(compiled.string, binds, columns, returns_rows)
+    shape = Compiled(compiled.string, binds, _columns(statement, compiled, dialect),
+                     returns_rows)
     return shape, shape.arguments(values)
 
 

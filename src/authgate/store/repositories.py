@@ -318,8 +318,8 @@ class MembershipRepo(_Repo):
         it runs on every wrong password of an identity with organisations."""
         c = t.memberships.c
         counted = _statement(("membership_failure",), lambda: update(t.memberships).where(
-            c.id == bindparam("id")).values(failed_attempts=c.failed_attempts + bindparam("one")))
-        await self.conn.execute(counted, {"id": membership_id, "one": 1})
+            c.id == bindparam("id")).values(failed_attempts=c.failed_attempts + 1))
+        await self.conn.execute(counted, {"id": membership_id})
         if lock_after is not None:
             locked = _statement(("membership_lock",), lambda: update(t.memberships).where(
                 c.id == bindparam("id"), c.failed_attempts >= bindparam("lock_after"),
