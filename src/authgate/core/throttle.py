@@ -87,14 +87,9 @@ class Throttle:
         pending as it allows."""
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
-            states = await tx.throttle.lock_many([key.key for key in keys], now)
-            for state in states:
-                self._expire(state, now)
-            wait = max((self._wait(key, state, now) for key, state in zip(keys, states)),
-                       default=0.0)
-            if wait > 0:  # raised inside the transaction: the counters it made are undone
-                raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS,
-                                retry_after=max(1, math.ceil(wait)))
+            states = await self._locked(tx, keys, now)
+            _refuse_for(max((self._wait(key, state, now) for key, state in zip(keys, states)),
+                            default=0.0))
             for state in states:
                 state.pending += 1
                 state.pending_until = now + PENDING_LEASE
@@ -103,9 +98,8 @@ class Throttle:
     async def failed(self, tx: Tx, keys: list[ThrottleKey]) -> None:
         """A pending attempt failed: a failure on every key, blocking past the free ones."""
         now = self.core.now()
-        states = await tx.throttle.lock_many([key.key for key in keys], now)
+        states = await self._locked(tx, keys, now)
         for key, state in zip(keys, states):
-            self._expire(state, now)
             state.pending = max(0, state.pending - 1)
             self._fail(key, state, now)
         await tx.throttle.save(*states)
@@ -118,8 +112,7 @@ class Throttle:
         now = self.core.now()
         keys = [cleared, *taken_back]
         kept = []
-        for key, state in zip(keys, await tx.throttle.lock_many([k.key for k in keys], now)):
-            self._expire(state, now)
+        for key, state in zip(keys, await self._locked(tx, keys, now)):
             state.pending = max(0, state.pending - 1)
             if key is cleared:
                 state.failures, state.blocked_until = 0, None
@@ -134,7 +127,7 @@ class Throttle:
         """A pending attempt ended with neither answer (an error, a cancelled request)."""
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
-            states = await tx.throttle.lock_many([key.key for key in keys], now)
+            states = await self._locked(tx, keys, now)
             for state in states:
                 state.pending = max(0, state.pending - 1)
             await tx.throttle.save(*states)
@@ -144,16 +137,19 @@ class Throttle:
         TOO_MANY_ATTEMPTS, with nothing counted, while a key is blocked."""
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
-            states = await tx.throttle.lock_many([key.key for key in keys], now)
-            for state in states:
-                self._expire(state, now)
-            wait = max((self._blocked_for(state, now) for state in states), default=0.0)
-            if wait > 0:
-                raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS,
-                                retry_after=max(1, math.ceil(wait)))
+            states = await self._locked(tx, keys, now)
+            _refuse_for(max((self._blocked_for(state, now) for state in states), default=0.0))
             for key, state in zip(keys, states):
                 self._fail(key, state, now)
             await tx.throttle.save(*states)
+
+    async def _locked(self, tx: Tx, keys: list[ThrottleKey],
+                      now: datetime) -> list[ThrottleState]:
+        """The keys' counters, locked for ``tx``, with what has lapsed by ``now`` forgotten."""
+        states = await tx.throttle.lock_many([key.key for key in keys], now)
+        for state in states:
+            self._expire(state, now)
+        return states
 
     def _expire(self, state: ThrottleState, now: datetime) -> None:
         """Failures outside the window are forgotten; pending attempts past their lease too."""
@@ -183,6 +179,13 @@ class Throttle:
         if state.blocked_until is None or state.blocked_until <= now:
             return 0.0
         return (state.blocked_until - now).total_seconds()
+
+
+def _refuse_for(wait: float) -> None:
+    """TOO_MANY_ATTEMPTS when there is a wait; raised inside the counters' write, it undoes
+    the counters that write made."""
+    if wait > 0:
+        raise AuthError(ErrorCode.TOO_MANY_ATTEMPTS, retry_after=max(1, math.ceil(wait)))
 
 
 class Attempt:
