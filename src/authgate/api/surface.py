@@ -72,8 +72,7 @@ async def read_body(request: Request, *, allow_form: bool = True,
                                   strict_parsing=False, max_num_fields=200))
         except (UnicodeDecodeError, ValueError):
             raise BadRequest("The form body is malformed.") from None
-        if (b"%00" in raw or b"\x00" in raw) and any("\x00" in k or "\x00" in v
-                                                     for k, v in form.items()):
+        if (b"%00" in raw or b"\x00" in raw) and has_nul(form):
             raise BadRequest(NUL_REFUSED)
         return form
     if content_type and not (content_type == "application/json"
@@ -93,7 +92,6 @@ async def read_body(request: Request, *, allow_form: bool = True,
 
 # No store keeps a NUL character in text (PostgreSQL refuses it): refused at the door.
 NUL_REFUSED = "Text must not contain NUL characters."
-
 
 
 def string_field(data: dict[str, Any], name: str, *, required: bool = False,
@@ -129,35 +127,32 @@ def client_info(request: Request, *, device_key: str | None = None) -> ClientInf
     peer = request.client.host if request.client else None
     trusted = request.app.state.trusted_proxies
     ip = peer
-    if peer and trusted and _in(peer, trusted):
+    if peer and trusted and _in(_address(peer), trusted):
         # Every X-Forwarded-For line, in order: a proxy may add a line of its own after the
         # client's. Walking from the right, the first hop we do not trust is the client; a hop
         # that is not an address was not written by a proxy, and ends the walk.
         forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         for hop in reversed(hops):
-            if not _is_address(hop):
+            address = _address(hop)
+            if address is None:
                 break
             ip = hop
-            if not _in(hop, trusted):
+            if not _in(address, trusted):
                 break
     return ClientInfo(ip=ip, user_agent=request.headers.get("user-agent"), device_key=device_key)
 
 
-def _is_address(text: str) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _in(address: str, networks: list[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+def _in(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        networks: list[Any]) -> bool:
+    return address is not None and any(address in net for net in networks)
 
 
 def bearer_token(request: Request, scheme: str = "bearer") -> str | None:

@@ -166,7 +166,7 @@ class Verification:
     async def _by_pin(self, realm: Realm, purpose: str, login_id: str,
                       pin: str) -> tuple[OneTimeCode, User]:
         throttle = self.core.throttle
-        key = throttle.scoped_key(f"code:{purpose}", f"{realm.id}:{login_id.strip().casefold()}",
+        key = throttle.scoped_key(f"code:{purpose}", f"{realm.id}:{normalise_login_id(login_id)}",
                                   self.core.settings.throttle_free_attempts)
         async with throttle.attempting([key]) as attempt:
             user = await self.core.users.find(realm, login_id) if login_id else None
