@@ -12,7 +12,6 @@ verifying on every node within ``key_cache_seconds``.
 from __future__ import annotations
 
 import re
-import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import orjson
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, SigningKey
 from authgate.core.ports import Tx
+from authgate.core.recent import Recent
 from authgate.crypto import jwt as jwtlib
 
 if TYPE_CHECKING:
@@ -35,12 +35,14 @@ _VERIFIED_CACHE_SIZE = 8192
 class Keys:
     def __init__(self, core: Core) -> None:
         self.core = core
-        self._signers: dict[str, tuple[float, jwtlib.Signer]] = {}
-        self._jwks: dict[str, tuple[float, bytes]] = {}
-        # kid -> (cached until (monotonic), (realm_id, alg, key, publish_until))
-        self._public: dict[str, tuple[float, tuple[str, str, Any, datetime | None]]] = {}
-        # (token, realm, issuer, audience, require, typ) -> (cached until (monotonic), claims)
-        self._verified: dict[tuple[Any, ...], tuple[float, dict[str, Any]]] = {}
+        seconds = core.settings.key_cache_seconds
+        self._signers: Recent[str, jwtlib.Signer] = Recent(seconds)  # by realm id
+        self._jwks: Recent[str, bytes] = Recent(seconds)  # by realm id
+        # kid -> (realm_id, alg, key, publish_until)
+        self._public: Recent[str, tuple[str, str, Any, datetime | None]] = Recent(seconds)
+        # (token, realm, issuer, audience, require, typ) -> claims
+        self._verified: Recent[tuple[Any, ...], dict[str, Any]] = Recent(
+            seconds, _VERIFIED_CACHE_SIZE)
 
     @property
     def max_token_lifetime(self) -> timedelta:
@@ -77,10 +79,10 @@ class Keys:
             await tx.signing_keys.add(key)
             await self.core.audit.record(tx, "keys.rotated", realm_id=realm.id, kid=key.kid,
                                          previous=previous.kid if previous else None)
-        self._signers.pop(realm.id, None)
-        self._jwks.pop(realm.id, None)
+        self._signers.pop(realm.id)
+        self._jwks.pop(realm.id)
         if previous is not None:
-            self._public.pop(previous.kid, None)
+            self._public.pop(previous.kid)
         return key
 
     async def list(self, realm: Realm) -> list[SigningKey]:
@@ -89,17 +91,15 @@ class Keys:
 
     async def signer(self, realm: Realm) -> jwtlib.Signer:
         cached = self._signers.get(realm.id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        if cached is not None:
+            return cached
         async with self.core.store.transaction() as tx:
             key = await tx.signing_keys.active(realm.id)
         if key is None:  # a realm made by an older version, or keys deleted by hand
             async with self.core.store.transaction(write=True) as tx:
                 key = await tx.signing_keys.active(realm.id) or await self.create_first(tx, realm)
         pem = self.core.box.decrypt(_PURPOSE, key.private_enc, key.kid)
-        signer = jwtlib.Signer(key.kid, key.alg, pem)
-        self._signers[realm.id] = (time.monotonic() + self.core.settings.key_cache_seconds, signer)
-        return signer
+        return self._signers.put(realm.id, jwtlib.Signer(key.kid, key.alg, pem))
 
     async def sign(self, realm: Realm, claims: dict[str, Any], *, typ: str = "JWT") -> str:
         return (await self.signer(realm)).sign(claims, typ=typ)
@@ -107,29 +107,23 @@ class Keys:
     async def jwks(self, realm: Realm) -> bytes:
         """The realm's published public keys, serialised once per cache period."""
         cached = self._jwks.get(realm.id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        if cached is not None:
+            return cached
         async with self.core.store.transaction() as tx:
             keys = await tx.signing_keys.published(realm.id, self.core.now())
-        body = orjson.dumps({"keys": [key.public_jwk for key in keys]})
-        self._jwks[realm.id] = (time.monotonic() + self.core.settings.key_cache_seconds, body)
-        return body
+        return self._jwks.put(realm.id, orjson.dumps({"keys": [key.public_jwk for key in keys]}))
 
     async def public_key(self, kid: str) -> tuple[str, str, Any]:
         """(realm id, alg, key) for a kid we issued; INVALID_TOKEN for anything else."""
-        cached = self._public.get(kid)
-        if cached is not None and cached[0] > time.monotonic():
-            found = cached[1]
-        else:  # read again after key_cache_seconds: another node may have retired the key
+        found = self._public.get(kid)
+        if found is None:  # read again after key_cache_seconds: another node may retire it
             async with self.core.store.transaction() as tx:
                 record = await tx.signing_keys.get(kid)
             if record is None:
                 raise AuthError(ErrorCode.INVALID_TOKEN)
-            found = (record.realm_id, record.alg, jwtlib.load_public_jwk(record.public_jwk),
-                     record.publish_until)
-            if len(self._public) > 10_000:
-                self._public.clear()
-            self._public[kid] = (time.monotonic() + self.core.settings.key_cache_seconds, found)
+            found = self._public.put(kid, (record.realm_id, record.alg,
+                                           jwtlib.load_public_jwk(record.public_jwk),
+                                           record.publish_until))
         realm_id, alg, key, publish_until = found
         if publish_until is not None and publish_until <= self.core.now():
             raise AuthError(ErrorCode.INVALID_TOKEN)  # a key withdrawn from the JWKS
@@ -149,20 +143,15 @@ class Keys:
         session's business, not this cache's: callers check the session on every request.
         """
         cache_key = (token, realm.id, issuer, repr(audience), require, typ)
-        cached = self._verified.get(cache_key)
-        if cached is not None and cached[0] > time.monotonic():
-            claims = cached[1]
+        claims = self._verified.get(cache_key)
+        if claims is not None:
             if claims.get("exp", 0) + _LEEWAY > self.core.now().timestamp():
                 return claims
-            self._verified.pop(cache_key, None)
+            self._verified.pop(cache_key)
             raise AuthError(ErrorCode.TOKEN_EXPIRED)
         claims = await self._verify_uncached(realm, token, issuer=issuer, audience=audience,
                                              require=require, typ=typ)
-        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
-            self._verified.pop(next(iter(self._verified)))
-        self._verified[cache_key] = (
-            time.monotonic() + self.core.settings.key_cache_seconds, claims)
-        return claims
+        return self._verified.put(cache_key, claims)
 
     async def _verify_uncached(self, realm: Realm, token: str, *, issuer: str | None,
                                audience: str | list[str] | None, require: tuple[str, ...],

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 import string
 from typing import TYPE_CHECKING, Any
 
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import REALM_DEFAULTS, Realm
 from authgate.core.ports import Conflict
+from authgate.core.recent import Recent
 from authgate.crypto.tokens import new_id
 
 if TYPE_CHECKING:
@@ -30,19 +30,9 @@ def new_project_id() -> str:
 class Realms:
     def __init__(self, core: Core) -> None:
         self.core = core
-        # name or project id -> (expiry, realm); settings changes reach other nodes within
+        # "name:..." or "project:..." -> realm; settings changes reach other nodes within
         # key_cache_seconds.
-        self._cache: dict[str, tuple[float, Realm]] = {}
-
-    def _cached(self, key: str) -> Realm | None:
-        hit = self._cache.get(key)
-        return hit[1] if hit and hit[0] > time.monotonic() else None
-
-    def _remember(self, key: str, realm: Realm) -> Realm:
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = (time.monotonic() + self.core.settings.key_cache_seconds, realm)
-        return realm
+        self._cache: Recent[str, Realm] = Recent(core.settings.key_cache_seconds)
 
     def issuer(self, realm: Realm) -> str:
         base = self.core.settings.issuer
@@ -89,26 +79,26 @@ class Realms:
     async def require(self, name: str) -> Realm:
         """The realm of this name (cached briefly), or REALM_NOT_FOUND. A name no realm can
         have (from a URL: any text) is not looked up."""
-        realm = self._cached("name:" + name)
+        realm = self._cache.get("name:" + name)
         if realm is None:
             if not REALM_NAME.fullmatch(name):
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
             realm = await self.by_name(name)
             if realm is None:
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
-            self._remember("name:" + name, realm)
+            self._cache.put("name:" + name, realm)
         return realm
 
     async def require_project(self, project_id: str) -> Realm:
         """The realm a Descope-style project id names (cached briefly), or REALM_NOT_FOUND."""
-        realm = self._cached("project:" + project_id)
+        realm = self._cache.get("project:" + project_id)
         if realm is None:
             if not PROJECT_ID.fullmatch(project_id):
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
             realm = await self.by_project_id(project_id)
             if realm is None:
                 raise AuthError(ErrorCode.REALM_NOT_FOUND)
-            self._remember("project:" + project_id, realm)
+            self._cache.put("project:" + project_id, realm)
         return realm
 
     async def by_project_id(self, project_id: str) -> Realm | None:
