@@ -169,6 +169,24 @@ class SqliteConnections:
         self._writer = None
 
 
+class _SqliteRead:
+    """A read: an idle reader connection, in autocommit, handed back on exit. A class, not a
+    generator-based context manager: every bearer request enters one, and the generator
+    machinery cost more than the lookup it wraps."""
+
+    __slots__ = ("_connections", "_dialect", "_connection")
+
+    def __init__(self, connections: SqliteConnections, dialect: Dialect) -> None:
+        self._connections, self._dialect = connections, dialect
+
+    async def __aenter__(self) -> SqlTx:
+        self._connection = self._connections.reader()
+        return SqlTx(DriverConnection(self._connection, self._dialect))  # type: ignore[arg-type]
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._connections.release(self._connection)
+
+
 class _Group:
     """Write transactions that share one SQLite transaction and one commit."""
 
@@ -349,14 +367,9 @@ class SqlStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    @asynccontextmanager
-    async def _sqlite_read(self) -> AsyncIterator[SqlTx]:
+    def _sqlite_read(self) -> _SqliteRead:
         assert self._sqlite is not None
-        connection = self._sqlite.reader()
-        try:
-            yield SqlTx(DriverConnection(connection, self.dialect))  # type: ignore[arg-type]
-        finally:
-            self._sqlite.release(connection)
+        return _SqliteRead(self._sqlite, self.dialect)
 
     @asynccontextmanager
     async def _plain_transaction(self, write: bool) -> AsyncIterator[SqlTx]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -51,6 +51,12 @@ class Compiled:
     binds: list[tuple[str, Callable[[Any], Any] | None, Any]]
     columns: list[tuple[str, Callable[[Any], Any] | None]]
     returns_rows: bool
+    # The columns that have a processor, by position: most (text, integers) have none.
+    processed: list[tuple[int, Callable[[Any], Any]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processed = [(i, process) for i, (_, process) in enumerate(self.columns)
+                          if process is not None]
 
     @classmethod
     def of(cls, statement: Any, dialect: Dialect, names: tuple[str, ...]) -> Compiled:
@@ -74,8 +80,9 @@ class Compiled:
     def row(self, raw: Sequence[Any]) -> Row:
         if not self.columns:  # textual SQL: no declared columns, values as the driver gives
             return Row(list(raw), [(str(i), None) for i in range(len(raw))])
-        values = [process(v) if process is not None else v
-                  for (_, process), v in zip(self.columns, raw)]
+        values = list(raw)
+        for i, process in self.processed:
+            values[i] = process(values[i])
         return Row(values, self.columns)
 
 

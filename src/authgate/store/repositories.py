@@ -534,12 +534,12 @@ def _open_session_cte() -> Any:
 
 _SESSION, _USER = _loader(t.sessions, m.Session), _loader(t.users, m.User)
 _CREDENTIAL = _loader(t.credentials, m.Credential)
+_SESSION_WIDTH = len(t.sessions.c)
 
 
 def _session_and_user(values: Sequence[Any]) -> tuple[m.Session, m.User]:
     """A session and its user from one row holding their columns in table order."""
-    width = len(t.sessions.c)
-    return _SESSION(values[:width]), _USER(values[width:])
+    return _SESSION(values[:_SESSION_WIDTH]), _USER(values[_SESSION_WIDTH:])
 
 
 class SigningKeyRepo(_Repo):
