@@ -33,9 +33,15 @@ async def test_sign_up_then_sign_in_returns_bearer_tokens(client, realm):
     assert body["expires_in"] == 900
     assert {"access_token", "refresh_token", "id_token"} <= set(body)
     assert response.headers["cache-control"] == "no-store"
+    assert response.headers["pragma"] == "no-cache"
     info = await client.get(realm_url(realm, "/userinfo"),
                             headers={"Authorization": f"Bearer {body['access_token']}"})
     assert info.status_code == 200
+    # Personal data: no cache keeps it; each header once, the body's length right.
+    assert info.headers.get_list("cache-control") == ["no-store"]
+    assert info.headers["pragma"] == "no-cache"
+    assert info.headers["content-type"] == "application/json"
+    assert int(info.headers["content-length"]) == len(info.content)
     assert info.json()["email"] == email
     assert info.json()["sub"] == created.json()["id"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +30,13 @@ from authgate.core.ports import UnstorableText
 log = structlog.get_logger("authgate.http")
 
 
+# What every answer carrying a token or personal data says to caches (RFC 6749 §5.1).
+NO_STORE: Mapping[str, str] = MappingProxyType({"Cache-Control": "no-store",
+                                                "Pragma": "no-cache"})
+_NO_STORE_RAW = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                 for name, value in NO_STORE.items()]
+
+
 class JSONResponse(Response):
     """orjson-encoded JSON (about ten times faster than the stdlib encoder)."""
 
@@ -37,8 +45,14 @@ class JSONResponse(Response):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
-
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        """``NO_STORE``, the headers of every token and userinfo answer, is added already
+        encoded."""
+        if headers is NO_STORE:
+            super().init_headers(None)
+            self.raw_headers.extend(_NO_STORE_RAW)
+        else:
+            super().init_headers(headers)
 
 
 class BadRequest(Exception):
