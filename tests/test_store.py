@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
 from authgate.core.engine import Core
 from authgate.core.models import (
@@ -21,6 +22,7 @@ from authgate.core.models import (
 from authgate.core.ports import Conflict
 from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store import tables as t
+from authgate.store.db import SqlStore
 
 
 def a_user(realm: Realm, **fields: object) -> User:
@@ -58,6 +60,29 @@ async def test_a_failed_transaction_leaves_nothing_behind(core: Core, realm: Rea
     async with core.store.transaction() as tx:
         assert await tx.users.get(user.id) is None
         assert await tx.users.by_login_id(realm.id, "rollback@example.com") is None
+
+
+async def test_more_concurrent_transactions_than_connections_all_finish(database_url: str):
+    """A store keeps connections between transactions; one that another transaction is
+    waiting for must go to that transaction, reads and failed writes included."""
+    store = SqlStore.from_url(database_url, pool_size=2)
+
+    async def one(n: int) -> int:
+        if n % 5 == 0:
+            with pytest.raises(RuntimeError):
+                async with store.transaction(write=True) as tx:
+                    await tx.conn.execute(text("SELECT 1"))
+                    raise RuntimeError("abort")
+        async with store.transaction(write=n % 2 == 0) as tx:
+            await asyncio.sleep(0.005)
+            return (await tx.conn.execute(text(f"SELECT {n}"))).scalar_one()
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(40))), 20)
+        assert results == list(range(40))
+        await store.ping()
+    finally:
+        await store.close()
 
 
 async def test_changing_a_users_email_frees_the_old_login_id(core: Core, realm: Realm):
