@@ -161,7 +161,7 @@ def test_the_cli_administers_realms_users_keys_and_events(tmp_path: Path):
     assert "no user" in cli(tmp_path, "user", "disable", "ghost@example.com", "-r",
                             "acme").stderr
     assert "new active key" in cli(tmp_path, "keys", "rotate", "-r", "acme").stdout
-    assert cli(tmp_path, "keys", "list", "-r", "acme").stdout.count("EdDSA") == 2
+    assert cli(tmp_path, "keys", "list", "-r", "acme").stdout.count("ES256") == 2
     events = [json.loads(line) for line in
               cli(tmp_path, "events", "-r", "acme", "--json").stdout.splitlines()]
     assert {"keys.rotated", "user.imported", "admin.user_created"} <= {e["type"] for e in events}

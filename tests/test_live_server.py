@@ -41,12 +41,12 @@ async def test_pyjwt_verifies_access_and_id_tokens_through_the_served_jwks(
     # The issuer URL is the configured public one; fetch the same JWKS from the live server.
     jwks = jwt.PyJWKClient(f"{live_server.url}/realms/{realm.name}/.well-known/jwks.json")
     key = await asyncio.to_thread(jwks.get_signing_key_from_jwt, tokens["access_token"])
-    access = jwt.decode(tokens["access_token"], key, algorithms=["EdDSA"], issuer=issuer,
+    access = jwt.decode(tokens["access_token"], key, algorithms=["ES256"], issuer=issuer,
                         audience=core.realms.audience(realm))
     assert {"iss", "aud", "sub", "exp", "iat", "jti", "sid", "amr"} <= set(access)
     assert access["amr"] == ["pwd"] and access["azp"] == "my-app"
     assert jwt.get_unverified_header(tokens["access_token"])["kid"] == key.key_id
-    id_token = jwt.decode(tokens["id_token"], key, algorithms=["EdDSA"], issuer=issuer,
+    id_token = jwt.decode(tokens["id_token"], key, algorithms=["ES256"], issuer=issuer,
                           audience="my-app")
     assert id_token["nonce"] == "n-123" and id_token["sid"] == access["sid"]
     assert id_token["sub"] == access["sub"]
@@ -58,7 +58,7 @@ async def test_joserfc_verifies_tokens_through_the_served_jwks(live_server: Live
         tokens = await sign_in(http, realm)
         keys = (await http.get(f"/realms/{realm.name}/.well-known/jwks.json")).json()
     token = jose_jwt.decode(tokens["access_token"], KeySet.import_key_set(keys),
-                            algorithms=["EdDSA"])
+                            algorithms=["ES256"])
     claims = jose_jwt.JWTClaimsRegistry(iss={"essential": True,
                                              "value": core.realms.issuer(realm)},
                                         sub={"essential": True}, exp={"essential": True})
@@ -70,7 +70,7 @@ async def test_after_key_rotation_old_tokens_still_verify_and_new_ones_use_the_n
         live_server: LiveServer, core: Core, realm: Realm):
     async with httpx.AsyncClient(base_url=live_server.url) as http:
         before = await sign_in(http, realm)
-        new_key = await core.keys.rotate(realm, "ES256")
+        new_key = await core.keys.rotate(realm, "EdDSA")
         await asyncio.sleep(core.settings.key_cache_seconds + 0.2)  # other nodes' key caches
         after = await sign_in(http, realm)
         keys = (await http.get(f"/realms/{realm.name}/.well-known/jwks.json")).json()
@@ -80,9 +80,9 @@ async def test_after_key_rotation_old_tokens_still_verify_and_new_ones_use_the_n
     kids = {k["kid"] for k in keys["keys"]}
     old_kid = jwt.get_unverified_header(before["access_token"])["kid"]
     assert jwt.get_unverified_header(after["access_token"]) == {
-        "alg": "ES256", "kid": new_key.kid, "typ": "at+jwt"}
+        "alg": "EdDSA", "kid": new_key.kid, "typ": "at+jwt"}
     assert {old_kid, new_key.kid} <= kids
-    for tokens, alg in ((before, "EdDSA"), (after, "ES256")):
+    for tokens, alg in ((before, "ES256"), (after, "EdDSA")):
         kid = jwt.get_unverified_header(tokens["access_token"])["kid"]
         jwk = next(k for k in keys["keys"] if k["kid"] == kid)
         jwt.decode(tokens["access_token"], jwt.PyJWK(jwk).key, algorithms=[alg],

@@ -264,7 +264,7 @@ def user_import(path: Path = typer.Argument(..., help="A JSON-lines file, or - f
 
 @keys_app.command("rotate")
 def keys_rotate(realm: str = RealmOption,
-                alg: str = typer.Option(None, help="EdDSA, ES256 or RS256.")) -> None:
+                alg: str = typer.Option(None, help="ES256, EdDSA or RS256.")) -> None:
     """Make a new active signing key; the old one stays published until its tokens expire."""
     key = run_in(realm, lambda core, target: core.keys.rotate(target, alg))
     console.print(f"new active key {key.kid} ({key.alg})")

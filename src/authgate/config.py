@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     session_ttl: int = Field(90 * 86_400, ge=60, le=3 * 365 * 86_400)
     refresh_grace_seconds: int = Field(10, ge=0, le=120)
     reauth_token_ttl: int = Field(30 * 86_400, ge=60, le=365 * 86_400)
-    signing_alg: Literal["EdDSA", "ES256", "RS256"] = "EdDSA"
+    signing_alg: Literal["EdDSA", "ES256", "RS256"] = "ES256"
     key_cache_seconds: float = Field(5.0, ge=0, le=300)
 
     # Password policy and hashing (OWASP's Argon2id row: m=19 MiB, t=2, p=1).
