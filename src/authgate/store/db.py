@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -189,6 +190,40 @@ class _SqliteRead:
         self._connections.release(self._connection)
 
 
+class _PgTransaction:
+    """A PostgreSQL write transaction, or a read whose statements run in autocommit (one round
+    trip each), on a kept or pooled connection (``SqlStore._pg_acquire``). A class, not a
+    generator-based context manager, for the reason ``_SqliteRead`` is one; asyncpg's own
+    ``Transaction`` decides commit or rollback."""
+
+    __slots__ = ("_store", "_write", "_raw", "_transaction")
+
+    def __init__(self, store: SqlStore, write: bool) -> None:
+        self._store, self._write = store, write
+
+    async def __aenter__(self) -> SqlTx:
+        store = self._store
+        raw = self._raw = await store._pg_acquire()
+        if self._write:
+            transaction = self._transaction = raw.transaction()
+            try:
+                await transaction.__aenter__()
+            except BaseException:
+                await store._pg_give(raw, clean=False)
+                raise
+        return SqlTx(DriverConnection(raw, store.dialect))  # type: ignore[arg-type]
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        clean = False
+        try:
+            if self._write:
+                await self._transaction.__aexit__(exc_type, exc, traceback)
+            clean = exc_type is None
+        finally:
+            await self._store._pg_give(self._raw, clean)
+
+
 class _IdleConnections:
     """Connections taken from the asyncpg pool and kept between transactions, most recently
     used first. asyncpg's own hand-out and hand-back cost about 60 µs and three turns of the
@@ -211,9 +246,9 @@ class _IdleConnections:
         return None
 
     def keep(self, connection: Any) -> bool:
-        """Keep ``connection`` if it is fit to be used again; False: the caller hands it back."""
-        if len(self._kept) >= self._limit or connection.is_closed() or \
-                connection.is_in_transaction():
+        """Keep ``connection``, whose transaction ended cleanly (so none is open on it), unless
+        enough are kept; False: the caller hands it back. ``take`` skips a closed one."""
+        if len(self._kept) >= self._limit:
             return False
         self._kept.append((time.monotonic(), connection))
         return True
@@ -325,7 +360,7 @@ class SqlStore:
         if self._sqlite is not None:
             return self._sqlite_write() if write else self._sqlite_read()
         if not self.is_sqlite:
-            return self._pg_transaction(write and not single)
+            return _PgTransaction(self, write and not single)
         return self._plain_transaction(write)
 
     # SQLite.
@@ -424,32 +459,28 @@ class SqlStore:
 
     # PostgreSQL.
 
-    @asynccontextmanager
-    async def _pg_transaction(self, write: bool) -> AsyncIterator[SqlTx]:
-        pool = await self._pool()
+    async def _pg_acquire(self) -> Any:
+        """A kept connection, else one from asyncpg's pool (counted as waiting meanwhile)."""
         raw = self._pg_idle.take()
-        if raw is None:
-            self._pg_waiting += 1
-            try:
-                raw = await pool.acquire()
-            finally:
-                self._pg_waiting -= 1
-        clean = False
+        if raw is not None:
+            return raw
+        pool = await self._pool()
+        self._pg_waiting += 1
         try:
-            tx = SqlTx(DriverConnection(raw, self.dialect))  # type: ignore[arg-type]
-            if write:
-                async with raw.transaction():
-                    yield tx
-            else:  # autocommit: one round trip per statement
-                yield tx
-            clean = True
+            return await pool.acquire()
         finally:
-            # While another transaction waits on asyncpg, a connection kept here would starve it.
-            if not (clean and not self._pg_waiting and self._pg_idle.keep(raw)):
-                await pool.release(raw)
-            stale = self._pg_idle.stale()
-            if stale is not None:
-                await pool.release(stale)
+            self._pg_waiting -= 1
+
+    async def _pg_give(self, raw: Any, clean: bool) -> None:
+        """Keep a connection whose transaction ended cleanly, else hand it back to asyncpg;
+        and hand back one kept too long."""
+        assert self._pg_pool is not None
+        # While another transaction waits on asyncpg, a connection kept here would starve it.
+        if not (clean and not self._pg_waiting and self._pg_idle.keep(raw)):
+            await self._pg_pool.release(raw)
+        stale = self._pg_idle.stale()
+        if stale is not None:
+            await self._pg_pool.release(stale)
 
     async def _pool(self) -> asyncpg.Pool:
         """The asyncpg pool, made on first use on the running event loop."""

@@ -64,6 +64,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return process
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+            return None  # asyncpg reads timestamptz as a datetime in UTC already
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
 
