@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -23,6 +25,7 @@ from authgate.core.ports import Conflict
 from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store import tables as t
 from authgate.store.db import SqlStore
+from tests.conftest import PG_ADMIN_DSN, new_database
 
 
 def a_user(realm: Realm, **fields: object) -> User:
@@ -82,6 +85,36 @@ async def test_more_concurrent_transactions_than_connections_all_finish(database
         assert results == list(range(40))
         await store.ping()
     finally:
+        await store.close()
+
+
+async def test_postgres_connections_closed_by_the_database_are_replaced(tmp_path: Path):
+    """A connection PostgreSQL closes while the store keeps it between transactions (a
+    restart, an idle timeout, an administrator) is replaced: the next transactions succeed.
+    (SQLite's connections are files of this process; nothing else closes them.)"""
+    async with new_database("postgres", tmp_path) as database_url:
+        await _survives_terminated_connections(database_url)
+
+
+async def _survives_terminated_connections(database_url: str) -> None:
+    store = SqlStore.from_url(database_url, pool_size=2)
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    database = database_url.rsplit("/", 1)[1]
+
+    async def read(n: int) -> int:
+        async with store.transaction() as tx:
+            await asyncio.sleep(0.01)
+            return (await tx.conn.execute(text(f"SELECT {n}"))).scalar_one()
+
+    try:
+        for _ in range(4):
+            assert await asyncio.gather(read(1), read(2)) == [1, 2]  # both connections kept
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid()", database)
+            await asyncio.sleep(0.2)  # the store's connections see the end of their sockets
+        assert await asyncio.wait_for(asyncio.gather(read(3), read(4)), 10) == [3, 4]
+    finally:
+        await admin.close()
         await store.close()
 
 

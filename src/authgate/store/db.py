@@ -224,6 +224,16 @@ class _PgTransaction:
             await self._store._pg_give(self._raw, clean)
 
 
+def _is_open(connection: Any) -> bool:
+    """Whether a kept pool connection is still open. When the database closes a connection (a
+    restart, an idle timeout, an administrator), asyncpg takes it back into its pool at once and
+    detaches it: even asking it whether it is closed then raises."""
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 class _IdleConnections:
     """Connections taken from the asyncpg pool and kept between transactions, most recently
     used first. asyncpg's own hand-out and hand-back cost about 60 µs and three turns of the
@@ -239,15 +249,12 @@ class _IdleConnections:
         self._limit = limit
 
     def take(self) -> Any | None:
-        while self._kept:
-            _, connection = self._kept.pop()
-            if not connection.is_closed():
-                return connection
-        return None
+        """The most recently kept connection, open or not (``_is_open`` tells)."""
+        return self._kept.pop()[1] if self._kept else None
 
     def keep(self, connection: Any) -> bool:
         """Keep ``connection``, whose transaction ended cleanly (so none is open on it), unless
-        enough are kept; False: the caller hands it back. ``take`` skips a closed one."""
+        enough are kept; False: the caller hands it back."""
         if len(self._kept) >= self._limit:
             return False
         self._kept.append((time.monotonic(), connection))
@@ -461,9 +468,11 @@ class SqlStore:
 
     async def _pg_acquire(self) -> Any:
         """A kept connection, else one from asyncpg's pool (counted as waiting meanwhile)."""
-        raw = self._pg_idle.take()
-        if raw is not None:
-            return raw
+        while (raw := self._pg_idle.take()) is not None:
+            if _is_open(raw):
+                return raw
+            assert self._pg_pool is not None  # the pool handed out what was kept
+            await self._pg_pool.release(raw)  # asyncpg's cleanup, where it has not run yet
         pool = await self._pool()
         self._pg_waiting += 1
         try:
