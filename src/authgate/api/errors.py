@@ -42,6 +42,7 @@ NATIVE_ERRORS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.CHALLENGE_INVALID: (400, "invalid_grant"),
     ErrorCode.CHALLENGE_EXPIRED: (400, "invalid_grant"),
     ErrorCode.DEVICE_NOT_FOUND: (404, "not_found"),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, "temporarily_unavailable"),
 }
 
 # On the token endpoint, a bad grant is always 400 invalid_grant (RFC 6749 §5.2), but a bearer

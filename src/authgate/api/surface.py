@@ -25,9 +25,12 @@ from starlette.exceptions import HTTPException
 
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, has_nul
-from authgate.core.ports import UnstorableText
+from authgate.core.ports import StoreUnavailable, UnstorableText
 
 log = structlog.get_logger("authgate.http")
+
+# Seconds a client is told to wait when the database is unavailable.
+STORE_RETRY_AFTER = 1
 
 
 # What every answer carrying a token or personal data says to caches (RFC 6749 §5.1).
@@ -221,6 +224,11 @@ class Surface:
             return self.render_bad_request(request, BadRequest("The request body is malformed."))
         if isinstance(exc, UnstorableText):
             return self.render_bad_request(request, BadRequest(NUL_REFUSED))
+        if isinstance(exc, StoreUnavailable):
+            # The cause's type only: a driver's message may name hosts and users.
+            log.warning("store unavailable", path=request.url.path, cause=str(exc))
+            return self.render(request, AuthError(ErrorCode.TEMPORARILY_UNAVAILABLE,
+                                                  retry_after=STORE_RETRY_AFTER))
         raise exc
 
     @property
@@ -236,7 +244,8 @@ class Surface:
                     try:
                         return await handler(request)
                     except (AuthError, BadRequest, RequestValidationError, HTTPException,
-                            json.JSONDecodeError, UnicodeDecodeError, UnstorableText) as exc:
+                            json.JSONDecodeError, UnicodeDecodeError, UnstorableText,
+                            StoreUnavailable) as exc:
                         return surface.handle(request, exc)
 
                 return guarded

@@ -48,6 +48,8 @@ class ErrorCode(StrEnum):
     CHALLENGE_INVALID = "challenge_invalid"
     CHALLENGE_EXPIRED = "challenge_expired"
     DEVICE_NOT_FOUND = "device_not_found"
+    # The server.
+    TEMPORARILY_UNAVAILABLE = "temporarily_unavailable"
 
 
 class AuthError(Exception):
@@ -99,4 +101,5 @@ DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.CHALLENGE_INVALID: "The login challenge is invalid.",
     ErrorCode.CHALLENGE_EXPIRED: "The login challenge has expired.",
     ErrorCode.DEVICE_NOT_FOUND: "Unknown device.",
+    ErrorCode.TEMPORARILY_UNAVAILABLE: "The service is temporarily unavailable; try again shortly.",
 }

@@ -36,6 +36,12 @@ class Conflict(Exception):
     """A uniqueness rule was broken (e.g. a login id already taken)."""
 
 
+class StoreUnavailable(Exception):
+    """The database could not be reached, or dropped the connection, or is out of a resource
+    (locked past the busy timeout, disk full): not the request's fault, and worth retrying.
+    A write that met it may or may not have committed (a connection lost during COMMIT)."""
+
+
 class UnstorableText(ValueError):
     """Text the store cannot keep or look up (a NUL character, which PostgreSQL refuses):
     bad input, wherever in a request it came from (a JWT header, a claim)."""

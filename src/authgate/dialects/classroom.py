@@ -60,6 +60,7 @@ CLASSROOM_ERRORS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.NOT_FOUND: (404, "404 Not Found"),
     ErrorCode.FORBIDDEN: (403, "403 Forbidden"),
     ErrorCode.REALM_NOT_FOUND: (503, "The classroom realm is not configured."),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, "Service Unavailable"),
 }
 
 # core code -> the request field a 422 names.

@@ -83,6 +83,7 @@ DESCOPE_ERRORS: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.ORGANISATION_SUSPENDED: (403, "E063103", "Tenant suspended"),
     ErrorCode.MEMBERSHIP_INACTIVE: (403, "E063104", "Tenant membership not active"),
     ErrorCode.DEVICE_NOT_FOUND: (404, "E011009", "Unknown device"),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, "E011010", "Service temporarily unavailable"),
 }
 MALFORMED = (400, "E011001", "Bad request")
 MISSING = (400, "E011002", "Missing arguments")

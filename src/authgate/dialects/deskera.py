@@ -63,6 +63,7 @@ DESKERA_ERRORS: dict[ErrorCode, tuple[int, str | None]] = {
     ErrorCode.INVALID_MFA_CODE: (400, "Invalid MFA code."),
     ErrorCode.REALM_NOT_FOUND: (404, None),
     ErrorCode.DEVICE_NOT_FOUND: (404, None),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, None),
 }
 # The e-mail verification link answers 404 for an invalid link and 410 for an expired one.
 VERIFICATION_ERRORS: dict[ErrorCode, tuple[int, str]] = {

@@ -94,13 +94,11 @@ class TiledeskSurface(Surface):
                                        "location": error.details.get("location") or "body"}])
             status = int(error.details.get("status") or 400)
             return _failure(status if status in (400, 413, 415) else 400, msg=error.message)
-        if code is ErrorCode.TOO_MANY_ATTEMPTS:
-            response = _failure(429, msg="Too many attempts; try again later.")
-            if error.retry_after is not None:
-                response.headers["Retry-After"] = str(error.retry_after)
-            return response
         status, body = SIMPLE.get(code, (400, {"msg": error.message}))
-        return _failure(status, **body)
+        response = _failure(status, **body)
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
 
     def _invalid(self, errors: list[dict[str, Any]]) -> Response:
         return JSONResponse({"errors": errors}, status_code=422, headers=NO_STORE)
@@ -146,6 +144,8 @@ SIMPLE: dict[ErrorCode, tuple[int, dict[str, Any]]] = {
     ErrorCode.FORBIDDEN: (403, {"msg": "Unauthorized."}),
     ErrorCode.NOT_FOUND: (404, {"msg": "Object not found."}),
     ErrorCode.REALM_NOT_FOUND: (404, {"msg": "Not found."}),
+    ErrorCode.TOO_MANY_ATTEMPTS: (429, {"msg": "Too many attempts; try again later."}),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, {"msg": "Service temporarily unavailable."}),
     ErrorCode.INVALID_CODE: (401, {"msg": "The code is invalid."}),
     ErrorCode.CODE_EXPIRED: (401, {"msg": "The code has expired."}),
 }

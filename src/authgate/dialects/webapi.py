@@ -54,6 +54,7 @@ WEBAPI_ERRORS: dict[ErrorCode, tuple[int, str | None]] = {
     ErrorCode.INVALID_MFA_CODE: (401, "The mfaCode is invalid."),
     ErrorCode.REALM_NOT_FOUND: (401, "The APIKey is missing, invalid or revoked."),
     ErrorCode.DEVICE_NOT_FOUND: (404, None),
+    ErrorCode.TEMPORARILY_UNAVAILABLE: (503, None),
 }
 
 LOGIN_DATA_FIELDS = ("Authenticated", "ReAuthenticationToken", "Me", "SessionToken")

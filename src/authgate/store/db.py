@@ -41,12 +41,15 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from authgate.core.ports import StoreUnavailable
 from authgate.store.fastexec import (
     init_asyncpg_connection,
     json_text,
+    is_open,
     keep_session,
     run_asyncpg,
     run_sqlite,
+    unavailable,
     unwrap,
 )
 from authgate.store.repositories import SqlTx
@@ -186,8 +189,11 @@ class _SqliteRead:
         self._connection = self._connections.reader()
         return SqlTx(DriverConnection(self._connection, self._dialect))  # type: ignore[arg-type]
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         self._connections.release(self._connection)
+        if exc is not None and (down := unavailable(exc)) is not None and down is not exc:
+            raise down from exc
 
 
 class _PgTransaction:
@@ -208,8 +214,10 @@ class _PgTransaction:
             transaction = self._transaction = raw.transaction()
             try:
                 await transaction.__aenter__()
-            except BaseException:
+            except BaseException as exc:
                 await store._pg_give(raw, clean=False)
+                if (down := unavailable(exc, raw)) is not None:
+                    raise down from exc
                 raise
         return SqlTx(DriverConnection(raw, store.dialect))  # type: ignore[arg-type]
 
@@ -220,18 +228,15 @@ class _PgTransaction:
             if self._write:
                 await self._transaction.__aexit__(exc_type, exc, traceback)
             clean = exc_type is None
+        except Exception as failed:  # the COMMIT or ROLLBACK
+            if (down := unavailable(failed, self._raw)) is not None:
+                raise down from failed
+            raise
         finally:
             await self._store._pg_give(self._raw, clean)
-
-
-def _is_open(connection: Any) -> bool:
-    """Whether a kept pool connection is still open. When the database closes a connection (a
-    restart, an idle timeout, an administrator), asyncpg takes it back into its pool at once and
-    detaches it: even asking it whether it is closed then raises."""
-    try:
-        return not connection.is_closed()
-    except asyncpg.InterfaceError:
-        return False
+        if exc is not None and (down := unavailable(exc, self._raw)) is not None \
+                and down is not exc:
+            raise down from exc
 
 
 class _IdleConnections:
@@ -378,18 +383,24 @@ class SqlStore:
         the context exits without error."""
         assert self._sqlite is not None
         connection = self._sqlite.writer
-        group = await self._join_group(connection)  # holds the write lock from here
         try:
-            connection.execute("SAVEPOINT tx")
+            group = await self._join_group(connection)  # holds the write lock from here
             try:
-                yield SqlTx(DriverConnection(connection, self.dialect))  # type: ignore[arg-type]
-                connection.execute("RELEASE tx")
-            except BaseException:
-                _undo_savepoint(connection, group)
-                raise
-        finally:
-            await self._leave_group(connection, group)
-        await group.durable()
+                connection.execute("SAVEPOINT tx")
+                try:
+                    tx = SqlTx(DriverConnection(connection, self.dialect))  # type: ignore[arg-type]
+                    yield tx
+                    connection.execute("RELEASE tx")
+                except BaseException:
+                    _undo_savepoint(connection, group)
+                    raise
+            finally:
+                await self._leave_group(connection, group)
+            await group.durable()
+        except sqlite3.OperationalError as exc:  # locked past the wait, disk full, I/O error
+            if (down := unavailable(exc)) is not None:
+                raise down from exc
+            raise
 
     async def _join_group(self, connection: sqlite3.Connection) -> _Group:
         self._writers_waiting += 1
@@ -469,14 +480,16 @@ class SqlStore:
     async def _pg_acquire(self) -> Any:
         """A kept connection, else one from asyncpg's pool (counted as waiting meanwhile)."""
         while (raw := self._pg_idle.take()) is not None:
-            if _is_open(raw):
+            if is_open(raw):
                 return raw
             assert self._pg_pool is not None  # the pool handed out what was kept
             await self._pg_pool.release(raw)  # asyncpg's cleanup, where it has not run yet
-        pool = await self._pool()
         self._pg_waiting += 1
         try:
+            pool = await self._pool()
             return await pool.acquire()
+        except Exception as exc:  # no connection could be made: whatever the cause, retry
+            raise StoreUnavailable(type(exc).__name__) from exc
         finally:
             self._pg_waiting -= 1
 

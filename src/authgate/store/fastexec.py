@@ -22,7 +22,7 @@ import orjson
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
-from authgate.core.ports import UnstorableText
+from authgate.core.ports import StoreUnavailable, UnstorableText
 
 
 class Prebuilt:
@@ -236,3 +236,38 @@ def json_text(value: Any) -> str:
 def _json_text(value: Any) -> str:
     """asyncpg's encoder: SQLAlchemy's bind processors have usually serialised it already."""
     return value if isinstance(value, str) else json_text(value)
+
+
+# Errors that say the database is unavailable for now (unreachable, the connection lost, out
+# of a resource), not that a statement was wrong: the request meeting one is answered 503 and
+# may be retried. SQLite: the primary result codes BUSY, LOCKED, IOERR, FULL and CANTOPEN.
+_SQLITE_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR,
+                                 sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN})
+_PG_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+                   asyncpg.InsufficientResourcesError, ConnectionError)
+
+
+def is_open(connection: Any) -> bool:
+    """Whether an asyncpg pool connection is still open. When the database closes one (a
+    restart, an idle timeout, an administrator), asyncpg takes it back into its pool at once
+    and detaches it: even asking it whether it is closed then raises."""
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+def unavailable(exc: BaseException, connection: Any = None) -> StoreUnavailable | None:
+    """``exc`` as a ``StoreUnavailable`` when it says the database is unavailable (on
+    PostgreSQL, ``connection`` is the one it was met on), else None."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        found = code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
+    else:
+        found = isinstance(exc, _PG_UNAVAILABLE) or (
+            isinstance(exc, asyncpg.InterfaceError) and connection is not None
+            and not is_open(connection))
+    return StoreUnavailable(type(exc).__name__) if found else None
+
