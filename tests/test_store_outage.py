@@ -55,6 +55,39 @@ async def test_a_postgresql_database_gone_under_the_store_is_store_unavailable(t
             await store.close()
 
 
+async def test_a_programming_error_on_postgresql_is_not_an_outage(tmp_path: Path):
+    """asyncpg reports a wrong argument count as an InterfaceError on a healthy connection:
+    a bug (500), not StoreUnavailable (503), and the store goes on working."""
+    async with new_database("postgres", tmp_path) as url:
+        store = SqlStore.from_url(url, pool_size=2)
+        try:
+            for write in (False, True):
+                with pytest.raises(asyncpg.InterfaceError):
+                    async with store.transaction(write=write) as tx:
+                        await tx.conn._raw.fetch("SELECT $1::int, $2::int", 1)
+            await asyncio.wait_for(store.ping(), 5)
+        finally:
+            await store.close()
+
+
+async def test_closing_the_store_waits_for_a_running_transaction_not_forever(tmp_path: Path):
+    async with new_database("postgres", tmp_path) as url:
+        store = SqlStore.from_url(url, pool_size=2)
+        await store.ping()
+        started = asyncio.Event()
+
+        async def write() -> None:
+            async with store.transaction(write=True) as tx:
+                started.set()
+                await asyncio.sleep(0.2)
+                await tx.conn.execute(text("SELECT 1"))
+
+        running = asyncio.create_task(write())
+        await started.wait()
+        await asyncio.wait_for(store.close(), 5)
+        await running
+
+
 async def test_sqlite_locked_by_another_process_past_the_wait_is_store_unavailable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(db, "SQLITE_WRITE_LOCK_WAIT_S", 0.2)

@@ -186,7 +186,12 @@ class _SqliteRead:
         self._connections, self._dialect = connections, dialect
 
     async def __aenter__(self) -> SqlTx:
-        self._connection = self._connections.reader()
+        try:
+            self._connection = self._connections.reader()
+        except sqlite3.OperationalError as exc:
+            if (down := unavailable(exc)) is not None:
+                raise down from exc
+            raise
         return SqlTx(DriverConnection(self._connection, self._dialect))  # type: ignore[arg-type]
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -215,8 +220,9 @@ class _PgTransaction:
             try:
                 await transaction.__aenter__()
             except BaseException as exc:
+                down = unavailable(exc, raw)
                 await store._pg_give(raw, clean=False)
-                if (down := unavailable(exc, raw)) is not None:
+                if down is not None:
                     raise down from exc
                 raise
         return SqlTx(DriverConnection(raw, store.dialect))  # type: ignore[arg-type]
@@ -224,6 +230,7 @@ class _PgTransaction:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
         clean = False
+        down = unavailable(exc, self._raw) if exc is not None else None
         try:
             if self._write:
                 await self._transaction.__aexit__(exc_type, exc, traceback)
@@ -234,8 +241,7 @@ class _PgTransaction:
             raise
         finally:
             await self._store._pg_give(self._raw, clean)
-        if exc is not None and (down := unavailable(exc, self._raw)) is not None \
-                and down is not exc:
+        if down is not None and down is not exc:
             raise down from exc
 
 
@@ -279,11 +285,12 @@ class _IdleConnections:
 class _Group:
     """Write transactions that share one SQLite transaction and one commit."""
 
-    __slots__ = ("_done", "error", "lost", "size")
+    __slots__ = ("_done", "cause", "error", "lost", "size")
 
     def __init__(self) -> None:
         self.size = 0  # writers that joined
         self.lost = False  # a failure rolled back the whole transaction
+        self.cause: BaseException | None = None  # that failure
         self.error: BaseException | None = None
         self._done = asyncio.get_running_loop().create_future()
 
@@ -294,7 +301,7 @@ class _Group:
         try:
             if self.lost:
                 raise sqlite3.OperationalError("the transaction was rolled back by an error in "
-                                               "a write committed with it")
+                                               "a write committed with it") from self.cause
             commit, cancelled = await _finish(asyncio.to_thread(connection.commit))
             commit.result()
             GROUP_SIZES.observe(self.size)
@@ -311,6 +318,9 @@ class _Group:
         """Wait until the group's commit is on disk; raise if it failed."""
         await asyncio.shield(self._done)
         if self.error is not None:
+            cause = self.error.__cause__ or self.error
+            if (down := unavailable(cause)) is not None:
+                raise down from self.error
             raise sqlite3.OperationalError(f"the write was not committed: {self.error}")
 
 
@@ -358,6 +368,7 @@ class SqlStore:
         self._pg_pool: asyncpg.Pool | None = None
         self._pg_idle = _IdleConnections(pool_size)
         self._pg_waiting = 0
+        self._pg_closing = False
         self._pg_pool_lock = asyncio.Lock()
 
     @classmethod
@@ -382,8 +393,8 @@ class SqlStore:
         """A write transaction: a savepoint in the current group's transaction, durable when
         the context exits without error."""
         assert self._sqlite is not None
-        connection = self._sqlite.writer
         try:
+            connection = self._sqlite.writer
             group = await self._join_group(connection)  # holds the write lock from here
             try:
                 connection.execute("SAVEPOINT tx")
@@ -391,8 +402,10 @@ class SqlStore:
                     tx = SqlTx(DriverConnection(connection, self.dialect))  # type: ignore[arg-type]
                     yield tx
                     connection.execute("RELEASE tx")
-                except BaseException:
+                except BaseException as exc:
                     _undo_savepoint(connection, group)
+                    if group.lost and group.cause is None:
+                        group.cause = exc.__cause__ or exc
                     raise
             finally:
                 await self._leave_group(connection, group)
@@ -488,7 +501,8 @@ class SqlStore:
         try:
             pool = await self._pool()
             return await pool.acquire()
-        except Exception as exc:  # no connection could be made: whatever the cause, retry
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # No connection could be made (refused, timed out, refused by the server).
             raise StoreUnavailable(type(exc).__name__) from exc
         finally:
             self._pg_waiting -= 1
@@ -498,8 +512,12 @@ class SqlStore:
         and hand back one kept too long."""
         assert self._pg_pool is not None
         # While another transaction waits on asyncpg, a connection kept here would starve it.
-        if not (clean and not self._pg_waiting and self._pg_idle.keep(raw)):
-            await self._pg_pool.release(raw)
+        if not (clean and not self._pg_waiting and not self._pg_closing
+                and self._pg_idle.keep(raw)):
+            try:
+                await self._pg_pool.release(raw)
+            except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
+                pass
         stale = self._pg_idle.stale()
         if stale is not None:
             await self._pg_pool.release(stale)
@@ -523,6 +541,7 @@ class SqlStore:
             await tx.conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        self._pg_closing = True
         if self._pg_pool is not None:
             for connection in self._pg_idle.drain():
                 await self._pg_pool.release(connection)

@@ -267,7 +267,11 @@ def unavailable(exc: BaseException, connection: Any = None) -> StoreUnavailable 
         found = code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
     else:
         found = isinstance(exc, _PG_UNAVAILABLE) or (
-            isinstance(exc, asyncpg.InterfaceError) and connection is not None
-            and not is_open(connection))
+            isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError))
+            and connection is not None and not is_open(connection)) or (
+            # The server's FATAL message read, its closing of the socket not yet: the protocol
+            # is left waiting for the end of an operation that will not come.
+            isinstance(exc, asyncpg.InternalClientError)
+            and "another operation (2)" in str(exc))
     return StoreUnavailable(type(exc).__name__) if found else None
 
