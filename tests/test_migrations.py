@@ -26,7 +26,7 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
     engine = create_engine(empty_url)
     try:
         await upgrade(engine)
-        assert await current_revision(engine) == head_revision() == "0004"
+        assert await current_revision(engine) == head_revision() == "0005"
         async with engine.connect() as conn:
             drift = await conn.run_sync(lambda c: compare_metadata(
                 MigrationContext.configure(c, opts={"compare_type": True}), metadata))
@@ -35,7 +35,7 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
             await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
         assert await current_revision(engine) is None
         await upgrade(engine)  # and up again
-        assert await current_revision(engine) == "0004"
+        assert await current_revision(engine) == "0005"
     finally:
         await engine.dispose()
         await asyncio.sleep(0)

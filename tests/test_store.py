@@ -21,7 +21,7 @@ from authgate.core.models import (
     User,
     utcnow,
 )
-from authgate.core.ports import Conflict
+from authgate.core.ports import Conflict, StaleUser
 from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store import tables as t
 from authgate.store.db import SqlStore
@@ -432,7 +432,7 @@ async def test_opening_a_session_writes_it_its_token_the_sign_in_and_the_event_a
     event = core.audit.event("session.signed_in", realm_id=realm.id, user_id=user.id,
                              session_id=session.id, amr=["pwd"])
     async with core.store.transaction(write=True, single=True) as tx:
-        await tx.sessions.open(session, token, event)
+        await tx.sessions.open(session, token, event, user.security_stamp)
     async with core.store.transaction() as tx:
         assert await tx.sessions.get(session.id) == session
         assert await tx.refresh_tokens.by_hash(token.token_hash) == token
@@ -449,10 +449,58 @@ async def test_opening_a_session_writes_it_its_token_the_sign_in_and_the_event_a
     with pytest.raises(Conflict):
         async with core.store.transaction(write=True, single=True) as tx:
             await tx.sessions.open(again, clash, core.audit.event(
-                "session.signed_in", realm_id=realm.id, user_id=user.id, session_id=again.id))
+                "session.signed_in", realm_id=realm.id, user_id=user.id, session_id=again.id),
+                user.security_stamp)
     async with core.store.transaction() as tx:
         assert await tx.sessions.get(again.id) is None
         assert len(await tx.audit.recent(realm.id, user_id=user.id)) == 1
+
+
+async def test_a_session_opens_only_while_the_user_is_active_with_the_stamp_read(
+        core: Core, realm: Realm):
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+
+    async def open_session(stamp: str) -> Session:
+        session = a_session(realm, user)
+        token = RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(new_token()),
+                             created_at=session.created_at, expires_at=session.expires_at)
+        event = core.audit.event("session.signed_in", realm_id=realm.id, user_id=user.id,
+                                 session_id=session.id)
+        async with core.store.transaction(write=True, single=True) as tx:
+            await tx.sessions.open(session, token, event, stamp)
+        return session
+
+    read = user.security_stamp
+    async with core.store.transaction(write=True) as tx:
+        fresh = await tx.users.new_stamp(user.id)
+    with pytest.raises(StaleUser):
+        await open_session(read)
+    async with core.store.transaction() as tx:
+        assert await tx.sessions.for_user(user.id) == []
+        assert await tx.audit.recent(realm.id, user_id=user.id) == []
+        assert (await tx.users.get(user.id)).last_sign_in_at is None
+    assert (await open_session(fresh)).user_id == user.id
+    async with core.store.transaction(write=True) as tx:
+        disabled = await tx.users.set_status(user.id, "disabled", utcnow())
+    with pytest.raises(StaleUser):
+        await open_session(disabled)  # the stamp is current, the user is not active
+
+
+async def test_a_stale_copy_of_a_user_does_not_undo_its_status_or_stamp(core: Core,
+                                                                         realm: Realm):
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+    async with core.store.transaction(write=True) as tx:
+        stamp = await tx.users.set_status(user.id, "disabled", utcnow())
+    user.name = "Renamed"  # a profile update made from the copy read before
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.update(user)
+    async with core.store.transaction() as tx:
+        stored = await tx.users.get(user.id)
+    assert (stored.name, stored.status, stored.security_stamp) == ("Renamed", "disabled", stamp)
 
 
 def test_sqlite_datetimes_keep_sqlalchemys_text_format():

@@ -5,6 +5,7 @@ They carry no behaviour that touches storage or HTTP. Times are timezone-aware U
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,11 @@ from typing import Any
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_security_stamp() -> str:
+    """A user's security stamp: a new one ends every sign-in still in flight."""
+    return secrets.token_urlsafe(16)
 
 
 def has_nul(value: Any) -> bool:
@@ -77,6 +83,9 @@ class User:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     last_sign_in_at: datetime | None = None
+    # Changed with the password, the status, or a sign-out everywhere: a session opens only
+    # while the stamp its sign-in read is still the user's (see SessionRepo.open).
+    security_stamp: str = field(default_factory=new_security_stamp)
 
     @property
     def login_ids(self) -> list[str]:

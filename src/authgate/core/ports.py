@@ -42,6 +42,11 @@ class StoreUnavailable(Exception):
     A write that met it may or may not have committed (a connection lost during COMMIT)."""
 
 
+class StaleUser(Exception):
+    """The user is no longer active, or its security stamp changed (a new password, a sign-out
+    everywhere) since the sign-in read it: the sign-in must not open a session."""
+
+
 class UnstorableText(ValueError):
     """Text the store cannot keep or look up (a NUL character, which PostgreSQL refuses):
     bad input, wherever in a request it came from (a JWT header, a claim)."""
@@ -66,8 +71,17 @@ class UserRepo(Protocol):
         in one read."""
         ...
     async def by_external_id(self, realm_id: str, external_id: str) -> User | None: ...
-    async def update(self, user: User) -> None: ...
-    async def touch_sign_in(self, user_id: str, at: datetime) -> None: ...
+    async def update(self, user: User) -> None:
+        """Write the user's profile fields; never its status, security stamp or last sign-in,
+        which change only through their own methods (a stale copy must not undo them)."""
+        ...
+    async def set_status(self, user_id: str, status: str, at: datetime) -> str:
+        """Set the status and a new security stamp (returned)."""
+        ...
+    async def new_stamp(self, user_id: str) -> str:
+        """Give the user a new security stamp (returned): sign-ins in flight will not open a
+        session. Call it before revoking the user's sessions in the same transaction."""
+        ...
     async def list(self, realm_id: str, *, limit: int = 100, offset: int = 0) -> list[User]: ...
     async def count(self, realm_id: str) -> int: ...
 
@@ -105,10 +119,14 @@ class MembershipRepo(Protocol):
 
 class SessionRepo(Protocol):
     async def add(self, session: Session) -> None: ...
-    async def open(self, session: Session, token: RefreshToken, event: AuditEvent) -> None:
+    async def open(self, session: Session, token: RefreshToken, event: AuditEvent,
+                   stamp: str) -> None:
         """Store a new session with its first refresh token, set the user's last sign-in to
-        the session's start, and record ``event``: all at once. A store may run this alone,
-        outside a transaction (``Store.transaction(single=True)``)."""
+        the session's start, and record ``event``: all at once, and only while the user is
+        active and its security stamp is still ``stamp`` (else ``StaleUser``, nothing written).
+        The check and the writes are atomic against ``UserRepo.new_stamp`` and ``set_status``:
+        either the session opens first and their revocation ends it, or it does not open. A
+        store may run this alone, outside a transaction (``Store.transaction(single=True)``)."""
         ...
     async def get(self, session_id: str) -> Session | None: ...
     async def for_user(self, user_id: str, *, live_at: datetime | None = None) -> list[Session]: ...

@@ -19,6 +19,7 @@ import orjson
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Realm, RefreshToken, Session, User
+from authgate.core.ports import StaleUser
 from authgate.crypto.secretbox import DecryptionError
 from authgate.crypto.tokens import digest, new_id, new_token
 
@@ -94,8 +95,13 @@ class Sessions:
         event = self.core.audit.event(events.SIGN_IN, realm_id=realm.id, user_id=user.id,
                                       session_id=session.id, organisation_id=organisation_id,
                                       client=client, amr=session.amr)
-        async with self.core.store.transaction(write=True, single=True) as tx:
-            await tx.sessions.open(session, token, event)
+        try:
+            async with self.core.store.transaction(write=True, single=True) as tx:
+                await tx.sessions.open(session, token, event, user.security_stamp)
+        except StaleUser:
+            # The password changed, the user was disabled or signed out everywhere while this
+            # sign-in was checking what it read before: what it proved no longer holds.
+            raise AuthError(ErrorCode.INVALID_CREDENTIALS) from None
         self.core.audit.counted(event)
         return await self._tokens(realm, user, session, raw, nonce=nonce,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
@@ -365,6 +371,7 @@ class Sessions:
                          client: ClientInfo | None = None) -> int:
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
+            await tx.users.new_stamp(user_id)  # first: no sign-in in flight opens a session
             ids = await tx.sessions.revoke_for_user(user_id, now, "signed_out_all",
                                                     except_session_id=except_session_id)
             await self.core.audit.record(tx, events.SIGNED_OUT_ALL, realm_id=realm.id,

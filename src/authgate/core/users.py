@@ -244,7 +244,9 @@ class Users:
         user.status = status
         user.updated_at = now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
-            await tx.users.update(user)
+            # The status alone, with a new stamp: before the revocation, so that no sign-in
+            # in flight opens a session after it.
+            user.security_stamp = await tx.users.set_status(user.id, status, now)
             if status == "disabled":
                 await tx.sessions.revoke_for_user(user.id, now, "user_disabled")
                 await self.core.devices.revoke_reauth_tokens_in(tx, realm, user.id, now)
@@ -255,13 +257,16 @@ class Users:
 
     async def set_password(self, realm: Realm, user_id: str, password: str, *,
                            keep_session_id: str | None = None,
-                           client: ClientInfo | None = None) -> None:
-        """Replace the password and end every other session of the user."""
+                           client: ClientInfo | None = None) -> str:
+        """Replace the password and end every other session of the user. Returns the user's
+        new security stamp: a sign-in that read the user before opens no session after this,
+        so a caller that signs the user in again gives the session this stamp."""
         user = await self.get(realm, user_id)
         self.policy.check(password, related=(user.email, user.username, user.phone))
         secret = await self.core.hasher.hash(password)
         now = self.core.now()
         async with self.core.store.transaction(write=True) as tx:
+            stamp = await tx.users.new_stamp(user.id)  # first: see SessionRepo.open
             await tx.credentials.delete_for_user(user.id, "password")
             await tx.credentials.add(Credential(id=new_id(), user_id=user.id, kind="password",
                                                 secret=secret, created_at=now, updated_at=now))
@@ -270,6 +275,7 @@ class Users:
             await self.core.devices.revoke_reauth_tokens_in(tx, realm, user.id, now)
             await self.core.audit.record(tx, events.PASSWORD_CHANGED, realm_id=realm.id,
                                          user_id=user.id, client=client)
+        return stamp
 
     async def change_password(self, realm: Realm, user_id: str, old: str, new: str, *,
                               keep_session_id: str | None = None,

@@ -243,7 +243,8 @@ class Verification:
             await self._consume(tx, found, RESET_PASSWORD)
             await self.core.audit.record(tx, PASSWORD_RESET, realm_id=realm.id,
                                          user_id=user.id, client=client)
-        await self.core.users.set_password(realm, user.id, password, client=client)
+        user.security_stamp = await self.core.users.set_password(realm, user.id, password,
+                                                                 client=client)
         if not user.email_verified:
             async with self.core.store.transaction(write=True) as tx:
                 current = await tx.users.get(user.id)

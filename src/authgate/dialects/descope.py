@@ -465,7 +465,7 @@ async def password_replace(request: Request) -> Response:
     new = _required(body, "newPassword", max_length=core.settings.password_max_length)
     client = client_info(request)
     user = (await core.signin.password(realm, login_id, old, client)).user
-    await core.users.set_password(realm, user.id, new, client=client)
+    user.security_stamp = await core.users.set_password(realm, user.id, new, client=client)
     tokens = await core.sessions.start(realm, user, amr=["pwd"], client=client,
                                        with_id_token=False)
     return await _jwt_response(request, realm, tokens, first_seen=False)

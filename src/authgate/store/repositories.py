@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from authgate.core import models as m
 from authgate.core.models import normalise_login_id
-from authgate.core.ports import Conflict, Tx
+from authgate.core.ports import Conflict, StaleUser, Tx
 from authgate.store import tables as t
 from authgate.store.fastexec import Prebuilt
 
@@ -171,6 +171,18 @@ class RealmRepo(_Repo):
         await self._set(t.realms.c.id == realm_id, settings=settings)
 
 
+# Written only by their own methods, never by ``UserRepo.update`` from a possibly stale copy.
+_USER_OWN_WRITES = ("status", "security_stamp", "last_sign_in_at")
+
+
+def _signing_in() -> tuple[Any, ...]:
+    """The user of a session being opened (``s_user_id``) is active and still has the
+    security stamp its sign-in read (``stamp``)."""
+    u = t.users.c
+    return (u.id == bindparam("s_user_id"), u.status == bindparam("active"),
+            u.security_stamp == bindparam("stamp"))
+
+
 class UserRepo(_Repo):
     table, record = t.users, m.User
 
@@ -230,11 +242,26 @@ class UserRepo(_Repo):
         return await self._get(realm_id=realm_id, external_id=external_id)
 
     async def update(self, user: m.User) -> None:
-        await self._update(user)
+        await self._update(user, skip=_USER_OWN_WRITES)
         await self._write_login_ids(user)
 
-    async def touch_sign_in(self, user_id: str, at: datetime) -> None:
-        await self._cas("id", user_id, last_sign_in_at=at)
+    async def set_status(self, user_id: str, status: str, at: datetime) -> str:
+        stamp = m.new_security_stamp()
+        await self._cas("id", user_id, status=status, updated_at=at, security_stamp=stamp)
+        return stamp
+
+    async def new_stamp(self, user_id: str) -> str:
+        stamp = m.new_security_stamp()
+        await self._cas("id", user_id, security_stamp=stamp)
+        return stamp
+
+    async def touch_sign_in(self, user_id: str, at: datetime, stamp: str) -> bool:
+        """Set the last sign-in while the user is active with this stamp; False if not."""
+        statement = _statement(("touch_sign_in",), lambda: (
+            update(t.users).where(*_signing_in()).values(last_sign_in_at=bindparam("s_created_at"))))
+        result = await self.conn.execute(statement, {
+            "s_user_id": user_id, "s_created_at": at, "stamp": stamp, "active": "active"})
+        return result.rowcount == 1
 
     async def list(self, realm_id: str, *, limit: int = 100, offset: int = 0) -> list[m.User]:
         return await self._many(t.users.c.realm_id == realm_id, order_by=t.users.c.created_at,
@@ -336,22 +363,30 @@ class SessionRepo(_Repo):
     async def add(self, session: m.Session) -> None:
         await self._insert(session)
 
-    async def open(self, session: m.Session, token: m.RefreshToken,
-                   event: m.AuditEvent) -> None:
-        """PostgreSQL: one statement (each write a data-modifying CTE), so one round trip in
-        autocommit. Elsewhere: the writes one by one, in the caller's write transaction."""
+    async def open(self, session: m.Session, token: m.RefreshToken, event: m.AuditEvent,
+                   stamp: str) -> None:
+        """PostgreSQL: one statement (each write a data-modifying CTE that proceeds only from
+        the guarded update of the user row), so one round trip in autocommit; the row lock of
+        that update orders it against a new stamp. Elsewhere: the guarded update first, then
+        the writes, in the caller's write transaction (SQLite's writes are serialised)."""
         if self.conn.dialect.name != "postgresql":
+            if not await UserRepo(self.conn).touch_sign_in(session.user_id, session.created_at,
+                                                           stamp):
+                raise StaleUser(session.user_id)
             await self.add(session)
             await RefreshTokenRepo(self.conn).add(token)
-            await UserRepo(self.conn).touch_sign_in(session.user_id, session.created_at)
             await AuditRepo(self.conn).add(event)
             return
         params = {**_params(_values(session), "s_"), **_params(_values(token), "r_"),
-                  **_params(_values(event, skip=("id",)), "e_")}
+                  **_params(_values(event, skip=("id",)), "e_"),
+                  "stamp": stamp, "active": "active"}
         try:
-            await self.conn.execute(_statement(("open_session",), _open_session_cte), params)
+            opened = await self.conn.execute(_statement(("open_session",), _open_session_cte),
+                                             params)
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
+        if opened.first() is None:
+            raise StaleUser(session.user_id)
 
     async def get(self, session_id: str) -> m.Session | None:
         return await self._get(id=session_id)
@@ -524,12 +559,18 @@ def _open_session_cte() -> Any:
         return {c.name: bindparam(prefix + c.name, type_=c.type)
                 for c in table.c if c.name not in skip}
 
-    session = insert(t.sessions).values(values(t.sessions, "s_")).cte("opened")
-    token = insert(t.refresh_tokens).values(values(t.refresh_tokens, "r_")).cte("first_token")
-    user = (update(t.users).where(t.users.c.id == bindparam("s_user_id"))
-            .values(last_sign_in_at=bindparam("s_created_at")).cte("signed_in"))
-    return (insert(t.audit_events).values(values(t.audit_events, "e_", skip=("id",)))
-            .add_cte(session, token, user))
+    def after(table: Table, prefix: str, source: Any, skip: tuple[str, ...] = ()) -> Any:
+        """An insert of one row of bound values for each row of ``source`` (one or none)."""
+        row = values(table, prefix, skip)
+        return insert(table).from_select(list(row), select(*row.values()).select_from(source))
+
+    user = (update(t.users).where(*_signing_in())
+            .values(last_sign_in_at=bindparam("s_created_at"))
+            .returning(t.users.c.id).cte("signed_in"))
+    session = after(t.sessions, "s_", user).returning(t.sessions.c.id).cte("opened")
+    token = after(t.refresh_tokens, "r_", session).cte("first_token")
+    return (after(t.audit_events, "e_", user, skip=("id",))
+            .returning(t.audit_events.c.user_id).add_cte(user, session, token))
 
 
 _SESSION, _USER = _loader(t.sessions, m.Session), _loader(t.users, m.User)

@@ -135,6 +135,7 @@ users = Table(
     _created(),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("last_sign_in_at", UTCDateTime()),
+    Column("security_stamp", String(32), nullable=False),
     Index("ix_users_realm_created", "realm_id", "created_at"),
     # One user per external id in a realm (a customer's own user id): two first sign-ins with
     # one customer token must not make two users.
