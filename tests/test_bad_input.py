@@ -142,3 +142,30 @@ async def test_a_nul_inside_a_token_is_bad_input_not_a_server_error(client, real
                                  headers={"Authorization": f"JWT {custom}"})
     assert 400 <= response.status_code < 500, response.text
     assert "Traceback" not in response.text
+
+
+async def test_json_nested_too_deeply_is_refused_in_each_surfaces_own_shape(client, core):
+    """Deep nesting (with a NUL at the end, which used to be looked for recursively) is a 400,
+    not a 500, and what is refused is never stored: every kept value encodes again."""
+    deep = "[" * 400 + "]" * 400
+    body = f'{{"email": "deep@example.com", "password": "a long passphrase 1", ' \
+           f'"custom_attributes": {{"a": {deep}}}, "x": "\\u0000"}}'
+    expectations = {
+        "/signup": ("error", "invalid_request"),
+        "/tiledesk/auth/signin": ("success", False),
+        "/descope/v1/auth/password/signin": ("errorCode", "E011001"),
+        "/deskera/v1/iam/auth/sign-in/web/sign-in": ("errorMessage", None),
+        "/classroom/auth/sign-in-verify": ("status_code", 400),
+    }  # (webapi checks its APIKey before the body, which read_body parses for it alike)
+    project = (await core.realms.require("default")).project_id
+    for path, (field, value) in expectations.items():
+        response = await client.post(path, content=body.encode(), headers={
+            "content-type": "application/json", "authorization": f"Bearer {project}"})
+        assert response.status_code in (400, 422), (path, response.text)
+        assert field in response.json(), (path, response.text)
+        if value is not None:
+            assert response.json()[field] == value, (path, response.text)
+    stored = await client.post("/signup", json={
+        "email": "deep@example.com", "password": "a long passphrase 1",
+        "custom_attributes": {"a": [[[[["fine"]]]]]}})
+    assert stored.status_code == 201, stored.text  # the first refusal stored nothing

@@ -72,3 +72,18 @@ def test_a_header_type_matches_without_case_or_the_application_prefix():
     assert not has_type({"typ": "JWT"}, "at+jwt")
     assert not has_type({}, "at+jwt")
     assert not has_type({"typ": 7}, "at+jwt")
+
+
+@pytest.mark.parametrize("claims", [
+    {"sub": "u", "phone": 123456789012345678901234567890},  # past 64 bits
+    {"sub": "u", "name": "\ud800"},  # a lone surrogate
+    {"sub": "u", "exp": float("nan")},  # would never expire
+    {"sub": "u", "exp": float("inf")},
+])
+def test_a_customer_token_whose_claims_cannot_be_encoded_again_is_refused(claims):
+    """PyJWT decodes with the standard json module, which accepts what Authgate can neither
+    sign into its own tokens nor store: such a token is malformed, not a 500 later."""
+    secret = b"s" * 32
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    with pytest.raises(jwtlib.TokenError):
+        jwtlib.verify_hs256(token, secret)

@@ -28,12 +28,17 @@ def test_policy_is_read_from_settings_and_ignores_malformed_values():
     odd = OrgPolicy.of(org(mfa_required_roles="Teacher", max_failed_sign_in_attempts=True,
                            lockout_seconds=-5))
     assert odd == OrgPolicy()
+    # Values a date or a stored integer cannot hold (they made every wrong password a 500).
+    huge = OrgPolicy.of(org(max_failed_sign_in_attempts=18446744073709551615,
+                            lockout_seconds=100000000000000))
+    assert huge == OrgPolicy()
 
 
 def test_policy_settings_refuse_a_limit_that_is_not_a_positive_integer():
-    with pytest.raises(AuthError) as caught:
-        policy_settings(max_failed_sign_in_attempts=0)
-    assert caught.value.code is ErrorCode.INVALID_REQUEST
+    for limits in ({"max_failed_sign_in_attempts": 0}, {"lockout_seconds": 10 ** 14}):
+        with pytest.raises(AuthError) as caught:
+            policy_settings(**limits)
+        assert caught.value.code is ErrorCode.INVALID_REQUEST
 
 
 def test_classroom_mfa_flags_translate_to_roles():

@@ -102,6 +102,8 @@ async def read_body(request: Request, *, allow_form: bool = True,
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
     if b"\\u0000" in raw and has_nul(data):
         raise BadRequest(NUL_REFUSED)
     return data
@@ -109,6 +111,25 @@ async def read_body(request: Request, *, allow_form: bool = True,
 
 # No store keeps a NUL character in text (PostgreSQL refuses it): refused at the door.
 NUL_REFUSED = "Text must not contain NUL characters."
+# Deeper JSON is refused at the door: what is kept (custom attributes) must encode again, and
+# walking it must not exhaust the stack (orjson encodes at most 254 levels).
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (a scalar: 0), walked without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item \
+            if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def string_field(data: dict[str, Any], name: str, *, required: bool = False,

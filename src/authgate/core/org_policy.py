@@ -52,16 +52,22 @@ class OrgPolicy:
             roles = []
         return cls(
             mfa_required_roles=frozenset(r for r in roles if isinstance(r, str)),
-            max_failed_sign_in_attempts=_positive_int(settings.get(MAX_FAILED_SIGN_IN_ATTEMPTS)),
-            lockout_seconds=_positive_int(settings.get(LOCKOUT_SECONDS)),
+            max_failed_sign_in_attempts=_positive_int(settings.get(MAX_FAILED_SIGN_IN_ATTEMPTS),
+                                                      MAX_ATTEMPTS_LIMIT),
+            lockout_seconds=_positive_int(settings.get(LOCKOUT_SECONDS), LOCKOUT_LIMIT),
         )
 
     def requires_mfa(self, role: str | None) -> bool:
         return role is not None and role in self.mfa_required_roles
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+# Beyond these, a setting is malformed (it would overflow a date or a stored integer).
+MAX_ATTEMPTS_LIMIT = 1_000_000
+LOCKOUT_LIMIT = 10 * 366 * 86_400  # ten years; none at all locks until an administrator unlocks
+
+
+def _positive_int(value: Any, limit: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
         return None
     return value
 
@@ -70,10 +76,12 @@ def policy_settings(*, mfa_required_roles: list[str] | None = None,
                     max_failed_sign_in_attempts: int | None = None,
                     lockout_seconds: int | None = None) -> dict[str, Any]:
     """The organisation settings that express a policy (for ``organisations.create``/``update``)."""
-    for name, value in (("max_failed_sign_in_attempts", max_failed_sign_in_attempts),
-                        ("lockout_seconds", lockout_seconds)):
-        if value is not None and _positive_int(value) is None:
-            raise AuthError(ErrorCode.INVALID_REQUEST, f"{name} must be a positive integer.",
+    for name, value, limit in (
+            ("max_failed_sign_in_attempts", max_failed_sign_in_attempts, MAX_ATTEMPTS_LIMIT),
+            ("lockout_seconds", lockout_seconds, LOCKOUT_LIMIT)):
+        if value is not None and _positive_int(value, limit) is None:
+            raise AuthError(ErrorCode.INVALID_REQUEST,
+                            f"{name} must be a positive integer, at most {limit}.",
                             details={"field": name})
     return {MFA_REQUIRED_ROLES: sorted(set(mfa_required_roles or [])),
             MAX_FAILED_SIGN_IN_ATTEMPTS: max_failed_sign_in_attempts,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -183,7 +184,8 @@ def check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
     """``exp``, ``nbf`` and ``iat`` against ``now``, with ``leeway`` seconds of skew."""
     for name in ("exp", "nbf", "iat"):
         if name in claims and (isinstance(claims[name], bool)
-                               or not isinstance(claims[name], (int, float))):
+                               or not isinstance(claims[name], (int, float))
+                               or not math.isfinite(claims[name])):
             raise TokenError(f"invalid {name} claim")
     if "exp" in claims and claims["exp"] <= now - leeway:
         raise TokenError("token expired", expired=True)
@@ -204,6 +206,10 @@ def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
     except jwt.PyJWTError as exc:
         raise TokenError(f"invalid token: {type(exc).__name__}") from exc
     except (ValueError, TypeError) as exc:
+        raise TokenError("malformed token") from exc
+    try:  # what orjson cannot encode (integers past 64 bits, lone surrogates, deep nesting)
+        orjson.dumps(claims)  # could not be signed into our own tokens or stored
+    except TypeError as exc:
         raise TokenError("malformed token") from exc
     check_times(claims, time.time() if now is None else now, leeway)
     return claims
