@@ -24,6 +24,7 @@ from authgate.core.models import (
 from authgate.core.ports import Conflict, StaleUser
 from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store import tables as t
+from authgate.store import db
 from authgate.store.db import SqlStore
 from tests.conftest import PG_ADMIN_DSN, new_database
 
@@ -116,6 +117,28 @@ async def _survives_terminated_connections(database_url: str) -> None:
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_postgres_connections_kept_unused_go_back_to_the_pool_without_traffic(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(db, "PG_IDLE_SECONDS", 0.2)
+    async with new_database("postgres", tmp_path) as database_url:
+        store = SqlStore.from_url(database_url, pool_size=3)
+
+        async def read() -> None:
+            async with store.transaction() as tx:
+                await asyncio.sleep(0.01)
+                await tx.conn.execute(text("SELECT 1"))
+
+        try:
+            await asyncio.gather(read(), read(), read())
+            pool = store._pg_pool
+            assert pool is not None and pool.get_idle_size() < pool.get_size()  # kept
+            await asyncio.sleep(0.7)  # no traffic at all
+            assert pool.get_idle_size() == pool.get_size()  # all back with asyncpg
+            await read()  # and the store goes on
+        finally:
+            await store.close()
 
 
 async def test_changing_a_users_email_frees_the_old_login_id(core: Core, realm: Realm):

@@ -281,6 +281,9 @@ class _IdleConnections:
         kept, self._kept = [connection for _, connection in self._kept], []
         return kept
 
+    def __len__(self) -> int:
+        return len(self._kept)
+
 
 class _Group:
     """Write transactions that share one SQLite transaction and one commit."""
@@ -369,6 +372,7 @@ class SqlStore:
         self._pg_idle = _IdleConnections(pool_size)
         self._pg_waiting = 0
         self._pg_closing = False
+        self._pg_sweep: asyncio.TimerHandle | None = None
         self._pg_pool_lock = asyncio.Lock()
 
     @classmethod
@@ -521,6 +525,23 @@ class SqlStore:
         stale = self._pg_idle.stale()
         if stale is not None:
             await self._pg_pool.release(stale)
+        if self._pg_idle and self._pg_sweep is None and not self._pg_closing:
+            self._pg_sweep = asyncio.get_running_loop().call_later(PG_IDLE_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """With no traffic, no transaction ends to hand back what was kept too long: this
+        timer does, so an idle node holds no connections asyncpg would have closed."""
+        self._pg_sweep = None
+        task = asyncio.get_running_loop().create_task(self._release_stale())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_stale(self) -> None:
+        assert self._pg_pool is not None
+        while (stale := self._pg_idle.stale()) is not None:
+            await self._pg_pool.release(stale)
+        if self._pg_idle and self._pg_sweep is None and not self._pg_closing:
+            self._pg_sweep = asyncio.get_running_loop().call_later(PG_IDLE_SECONDS, self._sweep)
 
     async def _pool(self) -> asyncpg.Pool:
         """The asyncpg pool, made on first use on the running event loop."""
@@ -542,6 +563,8 @@ class SqlStore:
 
     async def close(self) -> None:
         self._pg_closing = True
+        if self._pg_sweep is not None:
+            self._pg_sweep.cancel()
         if self._pg_pool is not None:
             for connection in self._pg_idle.drain():
                 await self._pg_pool.release(connection)
