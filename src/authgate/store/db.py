@@ -260,7 +260,7 @@ class _IdleConnections:
         self._limit = limit
 
     def take(self) -> Any | None:
-        """The most recently kept connection, open or not (``_is_open`` tells)."""
+        """The most recently kept connection, open or not (``is_open`` tells)."""
         return self._kept.pop()[1] if self._kept else None
 
     def keep(self, connection: Any) -> bool:
@@ -271,11 +271,13 @@ class _IdleConnections:
         self._kept.append((time.monotonic(), connection))
         return True
 
+    def any_stale(self) -> bool:
+        """Whether the longest-kept connection has been unused too long."""
+        return bool(self._kept) and self._kept[0][0] < time.monotonic() - PG_IDLE_SECONDS
+
     def stale(self) -> Any | None:
         """The longest-kept connection, if it has been unused too long."""
-        if self._kept and self._kept[0][0] < time.monotonic() - PG_IDLE_SECONDS:
-            return self._kept.pop(0)[1]
-        return None
+        return self._kept.pop(0)[1] if self.any_stale() else None
 
     def drain(self) -> list[Any]:
         kept, self._kept = [connection for _, connection in self._kept], []
@@ -499,8 +501,7 @@ class SqlStore:
         while (raw := self._pg_idle.take()) is not None:
             if is_open(raw):
                 return raw
-            assert self._pg_pool is not None  # the pool handed out what was kept
-            await self._pg_pool.release(raw)  # asyncpg's cleanup, where it has not run yet
+            await self._pg_hand_back(raw)  # asyncpg's cleanup, where it has not run yet
         self._pg_waiting += 1
         try:
             pool = await self._pool()
@@ -512,36 +513,42 @@ class SqlStore:
             self._pg_waiting -= 1
 
     async def _pg_give(self, raw: Any, clean: bool) -> None:
-        """Keep a connection whose transaction ended cleanly, else hand it back to asyncpg;
-        and hand back one kept too long."""
-        assert self._pg_pool is not None
+        """Keep a connection whose transaction ended cleanly, else hand it back to asyncpg."""
         # While another transaction waits on asyncpg, a connection kept here would starve it.
         if not (clean and not self._pg_waiting and not self._pg_closing
                 and self._pg_idle.keep(raw)):
-            try:
-                await self._pg_pool.release(raw)
-            except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
-                pass
-        stale = self._pg_idle.stale()
-        if stale is not None:
-            await self._pg_pool.release(stale)
+            await self._pg_hand_back(raw)
+        if self._pg_idle.any_stale():
+            await self._release_stale()
+        self._arm_sweep()
+
+    async def _pg_hand_back(self, raw: Any) -> None:
+        assert self._pg_pool is not None  # it handed out every connection there is
+        try:
+            await self._pg_pool.release(raw)
+        except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
+            pass
+
+    async def _release_stale(self) -> None:
+        """Hand back what was kept unused too long."""
+        while (stale := self._pg_idle.stale()) is not None:
+            await self._pg_hand_back(stale)
+
+    def _arm_sweep(self) -> None:
+        """While anything is kept, a timer comes back to it: with no traffic, no transaction
+        ends to hand back what was kept too long."""
         if self._pg_idle and self._pg_sweep is None and not self._pg_closing:
             self._pg_sweep = asyncio.get_running_loop().call_later(PG_IDLE_SECONDS, self._sweep)
 
     def _sweep(self) -> None:
-        """With no traffic, no transaction ends to hand back what was kept too long: this
-        timer does, so an idle node holds no connections asyncpg would have closed."""
         self._pg_sweep = None
-        task = asyncio.get_running_loop().create_task(self._release_stale())
+        task = asyncio.get_running_loop().create_task(self._swept())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release_stale(self) -> None:
-        assert self._pg_pool is not None
-        while (stale := self._pg_idle.stale()) is not None:
-            await self._pg_pool.release(stale)
-        if self._pg_idle and self._pg_sweep is None and not self._pg_closing:
-            self._pg_sweep = asyncio.get_running_loop().call_later(PG_IDLE_SECONDS, self._sweep)
+    async def _swept(self) -> None:
+        await self._release_stale()
+        self._arm_sweep()
 
     async def _pool(self) -> asyncpg.Pool:
         """The asyncpg pool, made on first use on the running event loop."""
@@ -567,7 +574,7 @@ class SqlStore:
             self._pg_sweep.cancel()
         if self._pg_pool is not None:
             for connection in self._pg_idle.drain():
-                await self._pg_pool.release(connection)
+                await self._pg_hand_back(connection)
             await self._pg_pool.close()
         if self._sqlite is not None:
             self._sqlite.close()

@@ -175,12 +175,16 @@ class RealmRepo(_Repo):
 _USER_OWN_WRITES = ("status", "security_stamp", "last_sign_in_at")
 
 
-def _signing_in() -> tuple[Any, ...]:
-    """The user of a session being opened (``s_user_id``) is active and still has the
-    security stamp its sign-in read (``stamp``)."""
+def _touch_signing_in() -> Any:
+    """Set the last sign-in (``s_created_at``) of the user of a session being opened
+    (``s_user_id``) while it is active and still has the security stamp its sign-in read
+    (``stamp``): the guard of ``SessionRepo.open``, whose row lock orders it against a new
+    stamp."""
     u = t.users.c
-    return (u.id == bindparam("s_user_id"), u.status == bindparam("active"),
-            u.security_stamp == bindparam("stamp"))
+    return (update(t.users)
+            .where(u.id == bindparam("s_user_id"), u.status == bindparam("active"),
+                   u.security_stamp == bindparam("stamp"))
+            .values(last_sign_in_at=bindparam("s_created_at")))
 
 
 class UserRepo(_Repo):
@@ -257,8 +261,7 @@ class UserRepo(_Repo):
 
     async def touch_sign_in(self, user_id: str, at: datetime, stamp: str) -> bool:
         """Set the last sign-in while the user is active with this stamp; False if not."""
-        statement = _statement(("touch_sign_in",), lambda: (
-            update(t.users).where(*_signing_in()).values(last_sign_in_at=bindparam("s_created_at"))))
+        statement = _statement(("touch_sign_in",), _touch_signing_in)
         result = await self.conn.execute(statement, {
             "s_user_id": user_id, "s_created_at": at, "stamp": stamp, "active": "active"})
         return result.rowcount == 1
@@ -564,9 +567,7 @@ def _open_session_cte() -> Any:
         row = values(table, prefix, skip)
         return insert(table).from_select(list(row), select(*row.values()).select_from(source))
 
-    user = (update(t.users).where(*_signing_in())
-            .values(last_sign_in_at=bindparam("s_created_at"))
-            .returning(t.users.c.id).cte("signed_in"))
+    user = _touch_signing_in().returning(t.users.c.id).cte("signed_in")
     session = after(t.sessions, "s_", user).returning(t.sessions.c.id).cte("opened")
     token = after(t.refresh_tokens, "r_", session).cte("first_token")
     return (after(t.audit_events, "e_", user, skip=("id",))
