@@ -85,6 +85,72 @@ async def test_concurrent_attempts_lose_no_count(core: Core, realm: Realm):
     assert state is not None and state.pending == 12 and state.failures == 7
 
 
+async def test_concurrent_successes_and_failures_lose_no_count(core: Core, realm: Realm):
+    """A success takes its attempt back in one statement, without the lock the others take
+    first: none of the changes made at the same time is lost."""
+    import asyncio
+
+    owner = core.throttle.scoped_key("test", unique_email(), 1000)
+    shared = core.throttle.scoped_key("test", unique_email(), 1000)
+    await asyncio.gather(*(core.throttle.attempt([owner, shared]) for _ in range(12)))
+
+    async def succeed() -> None:
+        async with core.store.transaction(write=True, single=True) as tx:
+            await core.throttle.succeeded(tx, owner, [shared])
+
+    await asyncio.gather(*(succeed() for _ in range(5)),
+                         *(core.throttle.spend([shared]) for _ in range(7)))
+    async with core.store.transaction() as tx:
+        mine, theirs = await tx.throttle.get(owner.key), await tx.throttle.get(shared.key)
+    assert (mine.pending, mine.failures) == (7, 0)
+    assert (theirs.pending, theirs.failures) == (7, 7)  # the address keeps its failures
+
+
+async def test_a_success_clears_the_login_id_and_forgets_lapsed_attempts(core: Core,
+                                                                         realm: Realm):
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    owner = core.throttle.scoped_key("test", unique_email(), 3)
+    shared = core.throttle.scoped_key("test", unique_email(), 3)
+    now = utcnow()
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(
+            ThrottleState(key=owner.key, failures=4, window_started_at=now, pending=2,
+                          pending_until=now + timedelta(seconds=60),
+                          blocked_until=now + timedelta(seconds=30)),
+            ThrottleState(key=shared.key, failures=4, window_started_at=now, pending=5,
+                          pending_until=now - timedelta(seconds=1),
+                          blocked_until=now + timedelta(seconds=30)))
+    async with core.store.transaction(write=True, single=True) as tx:
+        await core.throttle.succeeded(tx, owner, [shared])
+    async with core.store.transaction() as tx:
+        mine, theirs = await tx.throttle.get(owner.key), await tx.throttle.get(shared.key)
+    assert (mine.pending, mine.failures, mine.blocked_until) == (1, 0, None)
+    # The address's attempts had lapsed: all of them are gone; its failures and block stay.
+    assert (theirs.pending, theirs.failures) == (0, 4) and theirs.blocked_until is not None
+    await core.throttle.attempt([owner])  # no longer blocked
+
+
+async def test_an_emptied_counter_starts_a_new_window(strict: Core, realm: Realm):
+    """A counter a success left at zero counts failures in a window that starts at the next
+    attempt, as a new counter would."""
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    key = strict.throttle.scoped_key("test", unique_email(), 2)
+    long_ago = utcnow() - timedelta(seconds=strict.settings.throttle_window - 1)
+    async with strict.store.transaction(write=True) as tx:
+        await tx.throttle.save(ThrottleState(key=key.key, failures=0,
+                                             window_started_at=long_ago))
+    await strict.throttle.attempt([key])
+    async with strict.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert state.window_started_at > utcnow() - timedelta(seconds=5)
+
+
 async def test_sign_ins_sent_at_once_by_the_owner_block_nothing(strict: Core, realm: Realm):
     """Right passwords over the allowance are told to retry in a second; they are not
     failures, and the login id is not blocked."""
@@ -106,7 +172,8 @@ async def test_sign_ins_sent_at_once_by_the_owner_block_nothing(strict: Core, re
     assert set(answers) <= {None, ErrorCode.TOO_MANY_ATTEMPTS}
     assert (await strict.signin.password(realm, email, PASSWORD, ClientInfo())).user.email == email
     async with strict.store.transaction() as tx:  # nothing left counted
-        assert await tx.throttle.get(strict.throttle.login_key(realm.id, email).key) is None
+        state = await tx.throttle.get(strict.throttle.login_key(realm.id, email).key)
+    assert (state.pending, state.failures, state.blocked_until) == (0, 0, None)
 
 
 async def test_attempts_over_the_allowance_wait_without_counting_as_failures(core: Core,

@@ -91,7 +91,7 @@ class SignIn:
         if not result.ok:
             await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client, attempt)
         rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
-        async with self.core.store.transaction(write=True) as tx:
+        async with self.core.store.transaction(write=True, single=rehashed is None) as tx:
             await attempt.succeeded(tx)
             if rehashed is not None:
                 credential.secret, credential.updated_at = rehashed, self.core.now()

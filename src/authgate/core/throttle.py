@@ -10,8 +10,9 @@ counters, and stays pending until it ``failed`` or ``succeeded``: a key admits o
 attempts at once as it has free attempts left (one at a time once they are spent), so guesses
 sent together cannot all pass a check that none of them has been counted in. Attempts over the
 allowance are refused for a second, without a block: they were not failures. A success clears
-the login id's failures; a shared address only loses the pending attempt. A pending attempt
-whose process died lapses after ``PENDING_LEASE``.
+the login id's failures; a shared address only loses the pending attempt (one statement, the
+store's ``settle``: a sign-in pays for one round trip there, not a locking transaction). A
+pending attempt whose process died lapses after ``PENDING_LEASE``.
 
 A login id's owner signing in from a device it has used before is counted under a key of that
 device, so an attacker who only knows the login id cannot lock the owner out of it. Keys hold a
@@ -109,19 +110,7 @@ class Throttle:
         """A pending attempt succeeded: ``cleared`` loses its failures (its owner proved who
         they are); each key of ``taken_back`` (an address shared with others) only loses the
         pending attempt."""
-        now = self.core.now()
-        keys = [cleared, *taken_back]
-        kept = []
-        for key, state in zip(keys, await self._locked(tx, keys, now)):
-            state.pending = max(0, state.pending - 1)
-            if key is cleared:
-                state.failures, state.blocked_until = 0, None
-            if state.failures or state.pending:
-                kept.append(state)
-            else:
-                await tx.throttle.clear(key.key)
-        if kept:
-            await tx.throttle.save(*kept)
+        await tx.throttle.settle(cleared.key, [key.key for key in taken_back], self.core.now())
 
     async def released(self, keys: list[ThrottleKey]) -> None:
         """A pending attempt ended with neither answer (an error, a cancelled request)."""
@@ -152,11 +141,14 @@ class Throttle:
         return states
 
     def _expire(self, state: ThrottleState, now: datetime) -> None:
-        """Failures outside the window are forgotten; pending attempts past their lease too."""
+        """Failures outside the window are forgotten; pending attempts past their lease too.
+        A counter with nothing in it starts its window now (a success leaves one at zero)."""
         if (now - state.window_started_at).total_seconds() > self.core.settings.throttle_window:
             state.failures, state.window_started_at, state.blocked_until = 0, now, None
         if state.pending_until is not None and state.pending_until <= now:
             state.pending, state.pending_until = 0, None
+        if not state.failures and not state.pending:
+            state.window_started_at, state.blocked_until = now, None
 
     def _fail(self, key: ThrottleKey, state: ThrottleState, now: datetime) -> None:
         s = self.core.settings

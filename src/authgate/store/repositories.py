@@ -11,7 +11,19 @@ from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -847,6 +859,31 @@ class ThrottleRepo(_Repo):
         await self.conn.execute(statement, {f"{name}_{i}": value for i, state in
                                             enumerate(states)
                                             for name, value in _values(state).items()})
+
+    async def settle(self, cleared: str, taken_back: Sequence[str], now: datetime) -> None:
+        """A pending attempt ended well, in one statement that is atomic by itself (the row
+        locks of the UPDATE on PostgreSQL, the writer lock on SQLite): every key loses the
+        attempt (all its pending attempts once their lease lapsed by ``now``), and ``cleared``
+        also loses its failures and its block. Counters left at zero stay for the purge."""
+        keys = sorted({cleared, *taken_back})
+        dialect = self.conn.dialect.name
+        table = t.throttle_counters
+
+        def build() -> Any:
+            c = table.c
+            when = bindparam("now", type_=t.UTCDateTime())
+            is_cleared = c.key == bindparam("cleared")
+            lapsed = and_(c.pending_until.is_not(None), c.pending_until <= when)
+            left = case((c.pending > 1, c.pending - 1), else_=0)
+            return (update(table)
+                    .where(c.key.in_([bindparam(f"k{i}") for i in range(len(keys))]))
+                    .values(pending=case((lapsed, 0), else_=left),
+                            failures=case((is_cleared, 0), else_=c.failures),
+                            blocked_until=case((is_cleared, null()), else_=c.blocked_until)))
+
+        statement = _statement(("throttle_settle", dialect, len(keys)), build)
+        await self.conn.execute(statement, {"now": now, "cleared": cleared, **{
+            f"k{i}": key for i, key in enumerate(keys)}})
 
     async def clear(self, key: str) -> None:
         c = t.throttle_counters.c
