@@ -200,7 +200,7 @@ async def test_introspection_calls_only_the_current_refresh_token_active(client,
     current = (await client.post(url, data={"token": successor["refresh_token"]},
                                  headers=bearer(caller))).json()
     assert current["active"] is True and current["token_type"] == "refresh_token"
-    assert current["scope"] == "openid"
+    assert current["scope"] == "openid profile email phone"  # the realm's default scope
     # The token's own expiry (30 days), not its session's (90 days).
     assert abs(current["exp"] - current["iat"] - 30 * 86_400) <= 2
 

@@ -15,6 +15,7 @@ from authgate.api.deps import get_core, get_realm
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, JSONResponse, bearer_token, client_info
 from authgate.api.surface import read_body, string_field
+from authgate.core import scopes
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm
 from authgate.core.sessions import Tokens
@@ -58,11 +59,6 @@ def token_response(tokens: Tokens) -> Response:
     return JSONResponse(body, headers=NO_STORE)
 
 
-def _scope(form: dict[str, Any]) -> str:
-    """The scope asked for at sign-in; ``openid`` when none is given."""
-    return string_field(form, "scope", max_length=1000) or "openid"
-
-
 @router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-www-form-urlencoded": {"schema": TOKEN_REQUEST}}}})
@@ -81,7 +77,8 @@ async def token(request: Request) -> Response:
         password = string_field(form, "password", required=True,
                                 max_length=core.settings.password_max_length)
         assert username is not None and password is not None
-        scope = _scope(form)
+        # Refused before the password is checked; the realm's default when none is asked.
+        scope = scopes.grant(realm, string_field(form, "scope", max_length=1000))
         # A user with TOTP must send ``mfa_code`` too (a TOTP or a recovery code); without it
         # the answer is 401 ``mfa_required``, and the client repeats the grant with the code.
         signed_in = await core.signin.password(

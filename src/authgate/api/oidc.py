@@ -8,7 +8,7 @@ from authgate.api.deps import get_core, get_realm, principal_with_user
 from authgate.api.errors import native
 from authgate.api.surface import NO_STORE, JSONResponse
 from authgate.core.models import Realm
-from authgate.core.sessions import Principal, profile_claims
+from authgate.core.sessions import Principal, userinfo_claims
 
 router = APIRouter(route_class=native.route_class, tags=["oidc"])
 
@@ -16,9 +16,7 @@ JWKS_HEADERS = {"Cache-Control": "public, max-age=300"}
 
 
 def _userinfo(principal: Principal) -> Response:
-    user = principal.user
-    assert user is not None
-    return JSONResponse({"sub": user.id, **profile_claims(user)}, headers=NO_STORE)
+    return JSONResponse(userinfo_claims(principal), headers=NO_STORE)
 
 
 # A hot path, matched first: the realm and the bearer are resolved in the endpoint, not as
@@ -52,7 +50,7 @@ async def discovery(request: Request, realm: Realm = Depends(get_realm)) -> Resp
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": algs,
         "token_endpoint_auth_methods_supported": ["none"],
-        "scopes_supported": ["openid", "profile", "email", "phone", "offline_access"],
+        "scopes_supported": list(realm.setting("scopes")),
         "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "sid", "amr",
                              "email", "email_verified", "phone_number",
                              "phone_number_verified", "name", "given_name", "middle_name",

@@ -58,6 +58,10 @@ REALM_DEFAULTS: dict[str, Any] = {
     "allow_signup": True,
     # Audience of access tokens; empty means the realm's issuer URL.
     "audience": "",
+    # The scopes a native sign-in may ask for (core/scopes.py), and what one asking for none
+    # is granted (RFC 6749 §3.3).
+    "scopes": ("openid", "profile", "email", "phone", "offline_access"),
+    "default_scope": "openid profile email phone",
 }
 
 

@@ -7,6 +7,7 @@ import secrets
 import string
 from typing import TYPE_CHECKING, Any
 
+from authgate.core import scopes
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import REALM_DEFAULTS, Realm
 from authgate.core.ports import Conflict
@@ -25,6 +26,30 @@ PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids: fullmatch
 def new_project_id() -> str:
     """A Descope-style project id: ``P`` and 27 letters or digits."""
     return "P" + "".join(secrets.choice(_PROJECT_ALPHABET) for _ in range(27))
+
+
+def check_settings(settings: dict[str, Any], *, changed: dict[str, Any] | None = None) -> None:
+    """INVALID_REQUEST naming what is wrong with a realm's ``settings`` (or the ``changed``
+    part of them): a name the core does not read, a value of the wrong type, a default scope
+    the realm does not grant. Stored unchecked, such values broke every sign-in later."""
+    unknown = set(changed if changed is not None else settings) - set(REALM_DEFAULTS)
+    if unknown:
+        raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown realm settings: {sorted(unknown)}")
+    problems: list[str] = []
+    for name, value in settings.items():
+        if name in ("reveal_unknown_users", "allow_signup") and not isinstance(value, bool):
+            problems.append(f"{name} must be true or false.")
+        elif name == "audience" and not (isinstance(value, str) and len(value) <= 1000):
+            problems.append("audience must be a string of at most 1000 characters.")
+        elif name in ("scopes", "default_scope"):
+            problems += scopes.check_setting(name, value)
+    if not problems:
+        granted = set(settings.get("scopes", REALM_DEFAULTS["scopes"]))
+        default = settings.get("default_scope", REALM_DEFAULTS["default_scope"]).split()
+        if not set(default) <= granted:
+            problems.append("default_scope names scopes that scopes does not list.")
+    if problems:
+        raise AuthError(ErrorCode.INVALID_REQUEST, " ".join(problems))
 
 
 class Realms:
@@ -46,9 +71,7 @@ class Realms:
         if not REALM_NAME.fullmatch(name):
             raise AuthError(ErrorCode.INVALID_REQUEST,
                             "A realm name is 1-63 lowercase letters, digits, '-' or '_'.")
-        unknown = set(settings or {}) - set(REALM_DEFAULTS)
-        if unknown:
-            raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown realm settings: {sorted(unknown)}")
+        check_settings(dict(settings or {}))
         realm = Realm(id=new_id(), name=name, display_name=display_name or name,
                       project_id=new_project_id(), settings=dict(settings or {}),
                       created_at=self.core.now())
@@ -114,10 +137,8 @@ class Realms:
             return await tx.realms.list()
 
     async def update_settings(self, realm: Realm, changes: dict[str, Any]) -> Realm:
-        unknown = set(changes) - set(REALM_DEFAULTS)
-        if unknown:
-            raise AuthError(ErrorCode.INVALID_REQUEST, f"Unknown realm settings: {sorted(unknown)}")
         merged = {**realm.settings, **changes}
+        check_settings(merged, changed=changes)
         async with self.core.store.transaction(write=True) as tx:
             await tx.realms.update_settings(realm.id, merged)
             await self.core.audit.record(tx, "realm.settings_changed", realm_id=realm.id,

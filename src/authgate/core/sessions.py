@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from authgate.core import audit as events
+from authgate.core import scopes
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Realm, RefreshToken, Session, User
 from authgate.core.ports import StaleUser
@@ -79,8 +80,10 @@ class Sessions:
                     scope: str | None = None) -> Tokens:
         """``access_ttl`` overrides the access token's lifetime (a dialect whose clients expect
         another one); the session's own lifetime does not change. ``scope`` is the scope
-        granted (native OAuth): kept on the session, it bounds every refresh."""
+        asked for (native OAuth; INVALID_SCOPE past what the realm grants): kept on the
+        session, it bounds every refresh and decides the claims an ID token shows."""
         client = client or ClientInfo()
+        granted = scopes.grant(realm, scope) if scope is not None else None
         now = self.core.now()
         s = self.core.settings
         session = Session(
@@ -88,7 +91,7 @@ class Sessions:
             created_at=now, last_used_at=now, expires_at=now + timedelta(seconds=s.session_ttl),
             organisation_id=organisation_id, device_id=device_id, client_id=client_id,
             ip=client.ip, user_agent=(client.user_agent or "")[:512] or None,
-            scope=normalise_scope(scope),
+            scope=granted,
         )
         raw, token = self._new_refresh(session)
         user.last_sign_in_at = now
@@ -141,8 +144,9 @@ class Sessions:
             claims["scope"] = scope or session.scope  # RFC 9068
         return claims
 
-    def id_claims(self, realm: Realm, user: User, session: Session,
-                  nonce: str | None) -> dict[str, Any]:
+    def id_claims(self, realm: Realm, user: User, session: Session, nonce: str | None,
+                  scope: str | None = None) -> dict[str, Any]:
+        """``scope``: the grant of this token request, when it narrowed the session's."""
         now = int(self.core.now().timestamp())
         claims: dict[str, Any] = {
             "iss": self.core.realms.issuer(realm),
@@ -154,7 +158,7 @@ class Sessions:
             "sid": session.id,
             "amr": session.amr,
         }
-        claims.update(profile_claims(user))
+        claims.update(scopes.shown_claims(profile_claims(user), scope or session.scope))
         if nonce:
             claims["nonce"] = nonce
         return claims
@@ -167,7 +171,7 @@ class Sessions:
         if extra_claims:
             claims.update({k: v for k, v in extra_claims.items() if k not in RESERVED_CLAIMS})
         signer = await self.core.keys.signer(realm)
-        id_token = (signer.sign(self.id_claims(realm, user, session, nonce))
+        id_token = (signer.sign(self.id_claims(realm, user, session, nonce, scope))
                     if with_id_token else None)
         return Tokens(session=session, user=user,
                       access_token=signer.sign(claims, typ=ACCESS_TOKEN_TYPE),
@@ -213,7 +217,7 @@ class Sessions:
         be the client the session was issued to, if it was issued to one (§6). An ID token
         comes back when the caller asks for one or, by default, when the session was granted
         ``openid`` (OIDC Core §12.2)."""
-        requested = normalise_scope(scope)
+        requested = scopes.normalise_scope(scope)
         if not raw or len(raw) > 512:
             raise AuthError(ErrorCode.INVALID_TOKEN)
         rotated = (await self._rotate_live(realm, raw, client, client_id)
@@ -456,13 +460,6 @@ class Sessions:
                                          amr=added)
         return await self.refresh(realm, raw, client, with_id_token=False)
 
-def normalise_scope(scope: str | None) -> str | None:
-    """Space-separated scope tokens, each once, in the order given; None when empty."""
-    if not scope:
-        return None
-    return " ".join(dict.fromkeys(scope.split())) or None
-
-
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "amr",
                              "azp", "auth_time", "nonce", "acr", "cnf"})
 
@@ -479,6 +476,17 @@ def profile_claims(user: User) -> dict[str, Any]:
         "updated_at": int(user.updated_at.timestamp()),
     }
     return {k: v for k, v in claims.items() if v is not None}
+
+
+def userinfo_claims(principal: Principal) -> dict[str, Any]:
+    """What userinfo shows the bearer: the claims its access token's scope shows (OIDC Core
+    §5.4; all of them for a session with no recorded grant)."""
+    user = principal.user
+    assert user is not None
+    scope = principal.claims.get("scope")
+    shown = scopes.shown_claims(profile_claims(user),
+                                scope if isinstance(scope, str) else principal.session.scope)
+    return {"sub": user.id, **shown}
 
 
 def check_custom_claims(claims: Any, *, reserved: Iterable[str] = (),

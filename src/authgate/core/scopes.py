@@ -1,0 +1,89 @@
+"""Scopes: what a native sign-in may be granted, and which standard claims a grant shows.
+
+A realm lists the scopes its clients may ask for (the realm setting ``scopes``, by default the
+OpenID Connect ones): a password grant asking for any other is refused with ``invalid_scope``
+(RFC 6749 §5.2) before its password is checked, so that no user can grant themselves a scope a
+resource server trusts. A request naming no scope gets the realm's ``default_scope`` (§3.3).
+
+The scopes ``profile``, ``email`` and ``phone`` decide which of the user's standard claims an
+ID token and userinfo show (OIDC Core §5.4). A session with no recorded grant (a dialect's
+sign-in) shows them all, as those services' own endpoints do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from authgate.core.errors import AuthError, ErrorCode
+from authgate.core.models import Realm
+
+OIDC_SCOPES = ("openid", "profile", "email", "phone", "offline_access")
+
+# OIDC Core §5.4; the claims Authgate keeps of each.
+CLAIMS_OF_SCOPE: dict[str, frozenset[str]] = {
+    "profile": frozenset({"name", "given_name", "middle_name", "family_name",
+                          "preferred_username", "picture", "updated_at"}),
+    "email": frozenset({"email", "email_verified"}),
+    "phone": frozenset({"phone_number", "phone_number_verified"}),
+}
+
+# RFC 6749 §3.3: scope-token = 1*NQCHAR (printable ASCII but '"' and '\').
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]{1,100}")
+MAX_SCOPES = 100
+
+
+def normalise_scope(scope: str | None) -> str | None:
+    """Space-separated scope tokens, each once, in the order given; None when empty."""
+    if not scope:
+        return None
+    return " ".join(dict.fromkeys(scope.split())) or None
+
+
+def grant(realm: Realm, requested: str | None) -> str:
+    """The scope a sign-in asking for ``requested`` is granted: the realm's default when it
+    asks for none; INVALID_SCOPE when it asks for one the realm does not list."""
+    scope = normalise_scope(requested) or normalise_scope(realm.setting("default_scope"))
+    if scope is None:
+        raise AuthError(ErrorCode.INVALID_SCOPE, "No scope was asked for and the realm has "
+                        "no default scope.")
+    allowed = set(realm.setting("scopes"))
+    refused = [token for token in scope.split() if token not in allowed]
+    if refused:
+        shown = " ".join(refused)[:200]
+        raise AuthError(ErrorCode.INVALID_SCOPE,
+                        f"The realm does not grant these scopes: {shown}.")
+    return scope
+
+
+def shown_claims(claims: dict[str, Any], scope: str | None) -> dict[str, Any]:
+    """The standard ``claims`` a grant of ``scope`` shows (all of them when there is no
+    recorded grant)."""
+    if scope is None:
+        return claims
+    shown: set[str] = set()
+    for token in scope.split():
+        shown |= CLAIMS_OF_SCOPE.get(token, frozenset())
+    return {name: value for name, value in claims.items() if name in shown}
+
+
+def check_setting(name: str, value: Any) -> list[str]:
+    """Problems with a realm's ``scopes`` (a list of scope tokens) or ``default_scope`` (a
+    space-separated string of them)."""
+    tokens: Iterable[Any]
+    if name == "scopes":
+        if not isinstance(value, list):
+            return ["scopes must be a list of scope names."]
+        tokens = value
+    else:
+        if not isinstance(value, str):
+            return ["default_scope must be a string of space-separated scope names."]
+        tokens = value.split()
+    tokens = list(tokens)
+    if len(tokens) > MAX_SCOPES:
+        return [f"{name} names more than {MAX_SCOPES} scopes."]
+    if not all(isinstance(token, str) and SCOPE_TOKEN.fullmatch(token) for token in tokens):
+        return [f"{name}: a scope name is 1-100 printable ASCII characters, without spaces, "
+                "'\"' or '\\'."]
+    return []
