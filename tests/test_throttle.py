@@ -53,6 +53,28 @@ async def test_failures_from_one_address_throttle_every_login_id_from_it(strict:
     assert user.email == email
 
 
+async def test_ipv6_addresses_are_counted_by_their_64_block(strict: Core, realm: Realm):
+    """One subscriber's /64 holds 2**64 addresses: rotating through them does not reset the
+    address's count. Another /64 is counted apart; an IPv4-mapped address as its IPv4."""
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+    for address in ("2001:db8:7:42::1", "2001:db8:7:42::2",  # three addresses of one /64
+                    "2001:db8:7:42:abcd:ef01:2345:6789"):
+        assert await _fail(strict, realm, unique_email(), address) is \
+            ErrorCode.INVALID_CREDENTIALS
+    with pytest.raises(AuthError) as raised:
+        await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="2001:db8:7:42::99"))
+    assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    neighbour = ClientInfo(ip="2001:db8:7:43::1")
+    assert (await strict.signin.password(realm, email, PASSWORD, neighbour)).user.email == email
+
+    for _ in range(3):
+        await _fail(strict, realm, unique_email(), "::ffff:198.51.100.77")
+    with pytest.raises(AuthError) as mapped:
+        await strict.signin.password(realm, email, PASSWORD, ClientInfo(ip="198.51.100.77"))
+    assert mapped.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+
+
 async def test_guesses_sent_at_once_are_throttled_as_if_sent_in_turn(strict: Core, realm: Realm):
     """Each attempt is counted before its password is checked, so of many sent together only
     the free ones are checked at all."""

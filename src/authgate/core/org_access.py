@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Membership, Organisation, Realm, User
 from authgate.core.ports import Tx
+from authgate.core.throttle import address_block
 from authgate.core.users import EMAIL, NewUser
 from authgate.crypto import jwt as jwtlib
 
@@ -113,7 +114,8 @@ class OrganisationAccess:
         if not org.settings.get(ALLOW_GUESTS, True):
             raise AuthError(ErrorCode.FORBIDDEN, "Guests may not sign in to this organisation.")
         throttle = self.core.throttle
-        key = throttle.scoped_key("guest", f"{realm.id}:{(client and client.ip) or '-'}",
+        address = address_block(client.ip) if client and client.ip else "-"
+        key = throttle.scoped_key("guest", f"{realm.id}:{address}",
                                   self.core.settings.throttle_guest_free_attempts)
         await throttle.spend([key])  # every guest counts
         email = _contact_email(contact_email)

@@ -14,6 +14,7 @@ the login id's failures; a shared address only loses the pending attempt (one st
 store's ``settle``: a sign-in pays for one round trip there, not a locking transaction). A
 pending attempt whose process died lapses after ``PENDING_LEASE``.
 
+An address is counted by its block (``address_block``: an IPv6 address by its /64).
 A login id's owner signing in from a device it has used before is counted under a key of that
 device, so an attacker who only knows the login id cannot lock the owner out of it. Keys hold a
 digest of what the client sent (a login id of any length), never the value itself.
@@ -21,6 +22,7 @@ digest of what the client sent (a login id of any length), never the value itsel
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -43,6 +45,21 @@ PENDING_LEASE = timedelta(seconds=60)
 BUSY_SECONDS = 1.0
 
 
+def address_block(ip: str) -> str:
+    """What a client address is counted as: an IPv4 address by itself, an IPv6 address by
+    its /64, the block one subscriber is given (whoever holds one can send from 2**64
+    addresses), an IPv4-mapped IPv6 address as its IPv4 address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleKey:
     key: str
@@ -62,7 +79,7 @@ class Throttle:
     def address_key(self, realm_id: str, ip: str | None) -> ThrottleKey | None:
         if not ip:
             return None
-        return ThrottleKey(f"ip:{realm_id}:{digest(ip)}",
+        return ThrottleKey(f"ip:{realm_id}:{digest(address_block(ip))}",
                            self.core.settings.throttle_ip_free_attempts)
 
     def scoped_key(self, scope: str, value: str, free_attempts: int) -> ThrottleKey:
