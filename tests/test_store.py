@@ -252,6 +252,32 @@ async def test_retired_keys_stay_published_until_their_tokens_expire(core: Core,
     assert active is not None and active.kid == second.kid
 
 
+async def test_concurrent_key_rotations_leave_one_active_key(core: Core, realm: Realm):
+    """Rotations of one realm's key are serialised: each retires the key the one before it
+    made, so exactly one key is active after any number of them."""
+    import asyncio
+
+    first = (await core.keys.list(realm))[0]
+    made = await asyncio.gather(*(core.keys.rotate(realm) for _ in range(4)))
+    keys = await core.keys.list(realm)
+    active = [key.kid for key in keys if key.status == "active"]
+    assert len(active) == 1 and active[0] in {key.kid for key in made}
+    assert {key.kid for key in keys} == {first.kid, *(key.kid for key in made)}
+    assert all(key.publish_until is not None for key in keys if key.status == "retired")
+
+
+async def test_concurrent_changes_to_a_realms_settings_all_stay(core: Core, realm: Realm):
+    import asyncio
+
+    stale = await core.realms.require(realm.name)
+    await asyncio.gather(core.realms.update_settings(stale, {"allow_signup": False}),
+                         core.realms.update_settings(stale, {"audience": "https://api.test"}),
+                         core.realms.update_settings(stale, {"reveal_unknown_users": True}))
+    stored = await core.realms.get(realm.id)
+    assert stored.settings == {"allow_signup": False, "audience": "https://api.test",
+                               "reveal_unknown_users": True}
+
+
 async def test_audit_events_are_listed_newest_first(core: Core, realm: Realm):
     async with core.store.transaction(write=True) as tx:
         for n in range(3):

@@ -73,6 +73,9 @@ class Keys:
         now = self.core.now()
         key = self._new_record(realm, alg)
         async with self.core.store.transaction(write=True) as tx:
+            # Rotations of one realm wait for each other: each then retires the key the one
+            # before it made (two at once had both retired the same key, leaving two active).
+            await tx.realms.lock(realm.id)
             previous = await tx.signing_keys.active(realm.id)
             if previous is not None:
                 await tx.signing_keys.retire(previous.kid, now, now + self.max_token_lifetime)
@@ -97,6 +100,7 @@ class Keys:
             key = await tx.signing_keys.active(realm.id)
         if key is None:  # a realm made by an older version, or keys deleted by hand
             async with self.core.store.transaction(write=True) as tx:
+                await tx.realms.lock(realm.id)  # one first key, whatever the nodes racing
                 key = await tx.signing_keys.active(realm.id) or await self.create_first(tx, realm)
         pem = self.core.box.decrypt(_PURPOSE, key.private_enc, key.kid)
         return self._signers.put(realm.id, jwtlib.Signer(key.kid, key.alg, pem))

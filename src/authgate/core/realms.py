@@ -137,9 +137,14 @@ class Realms:
             return await tx.realms.list()
 
     async def update_settings(self, realm: Realm, changes: dict[str, Any]) -> Realm:
-        merged = {**realm.settings, **changes}
-        check_settings(merged, changed=changes)
         async with self.core.store.transaction(write=True) as tx:
+            # Merged into the settings as stored now, not as a cached copy has them: two
+            # changes made at once both stay.
+            current = await tx.realms.lock(realm.id)
+            if current is None:
+                raise AuthError(ErrorCode.REALM_NOT_FOUND)
+            merged = {**current.settings, **changes}
+            check_settings(merged, changed=changes)
             await tx.realms.update_settings(realm.id, merged)
             await self.core.audit.record(tx, "realm.settings_changed", realm_id=realm.id,
                                          changes=sorted(changes))

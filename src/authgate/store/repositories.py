@@ -170,6 +170,12 @@ class RealmRepo(_Repo):
     async def get(self, realm_id: str) -> m.Realm | None:
         return await self._get(id=realm_id)
 
+    async def lock(self, realm_id: str) -> m.Realm | None:
+        """The realm, its row locked until the end of the write transaction (PostgreSQL: FOR
+        UPDATE; SQLite's write transaction is exclusive): changes to a realm's keys or
+        settings made under it happen one after the other."""
+        return await self._get(lock=True, id=realm_id)
+
     async def by_name(self, name: str) -> m.Realm | None:
         return await self._get(name=name)
 
