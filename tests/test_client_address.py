@@ -38,3 +38,8 @@ def test_an_untrusted_peer_is_the_client_whatever_it_forwards():
 
 def test_a_hop_that_is_not_an_address_ends_the_walk():
     assert client_info(request(PROXY, "203.0.113.9, not-an-address")).ip == PROXY
+
+
+def test_a_trusted_proxy_seen_through_a_dual_stack_listener_is_still_trusted():
+    assert client_info(request("::ffff:10.0.0.5", "203.0.113.9")).ip == "203.0.113.9"
+    assert client_info(request(PROXY, "203.0.113.9, ::ffff:10.0.0.7")).ip == "203.0.113.9"

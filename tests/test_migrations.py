@@ -26,7 +26,7 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
     engine = create_engine(empty_url)
     try:
         await upgrade(engine)
-        assert await current_revision(engine) == head_revision() == "0005"
+        assert await current_revision(engine) == head_revision() == "0006"
         async with engine.connect() as conn:
             drift = await conn.run_sync(lambda c: compare_metadata(
                 MigrationContext.configure(c, opts={"compare_type": True}), metadata))
@@ -35,7 +35,41 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
             await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
         assert await current_revision(engine) is None
         await upgrade(engine)  # and up again
-        assert await current_revision(engine) == "0005"
+        assert await current_revision(engine) == "0006"
+    finally:
+        await engine.dispose()
+        await asyncio.sleep(0)
+
+
+async def test_sessions_granted_only_openid_keep_the_claims_they_showed(empty_url):
+    """0006: before scopes decided the claims shown, ``openid`` (the default grant) showed
+    them all; such sessions now hold the grant that shows them."""
+    from datetime import UTC, datetime, timedelta
+
+    from authgate.store import tables as t
+
+    engine = create_engine(empty_url)
+    now = datetime.now(UTC)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0005"))
+        async with engine.begin() as conn:
+            await conn.execute(t.realms.insert().values(
+                id="r1", name="r1", display_name="r1", project_id="P1", settings={},
+                created_at=now))
+            await conn.execute(t.users.insert().values(
+                id="u1", realm_id="r1", email_verified=False, phone_verified=False,
+                custom_attributes={}, roles=[], status="active", is_anonymous=False,
+                created_at=now, updated_at=now, security_stamp=""))
+            for sid, scope in (("s1", "openid"), ("s2", "openid email"), ("s3", None)):
+                await conn.execute(t.sessions.insert().values(
+                    id=sid, realm_id="r1", user_id="u1", amr=["pwd"], created_at=now,
+                    last_used_at=now, expires_at=now + timedelta(days=1), scope=scope))
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(t.sessions.select().order_by(t.sessions.c.id))).all()
+        assert [row.scope for row in rows] == ["openid profile email phone", "openid email",
+                                                None]
     finally:
         await engine.dispose()
         await asyncio.sleep(0)

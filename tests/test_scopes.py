@@ -121,3 +121,48 @@ async def test_the_admin_api_refuses_bad_realm_settings(client, core: Core):
         "name": f"bad-{uuid.uuid4().hex[:8]}", "settings": {"scopes": "openid"}})
     assert response.status_code == 400
     assert "scopes" in response.json()["error_description"]
+
+
+async def test_a_session_loses_on_refresh_the_scopes_its_realm_no_longer_lists(client, core,
+                                                                              realm):
+    """A grant recorded before the realm stopped listing a scope (or before scopes were
+    checked) does not carry it into new tokens."""
+    await core.realms.update_settings(realm, {"scopes": ["openid", "email", "admin"],
+                                              "default_scope": "openid"})
+    email = await _user(client, realm)
+    granted = (await password_grant(client, realm, email, scope="openid admin")).json()
+    assert granted["scope"] == "openid admin"
+    await core.realms.update_settings(realm, {"scopes": ["openid", "email"]})
+    refreshed = (await refresh(client, realm, granted["refresh_token"])).json()
+    assert refreshed["scope"] == "openid"
+    claims = jwt.decode(refreshed["access_token"], options={"verify_signature": False})
+    assert claims["scope"] == "openid"
+    # Nothing of the grant left: the session must sign in again.
+    await core.realms.update_settings(realm, {"scopes": ["email"], "default_scope": "email"})
+    gone = await refresh(client, realm, refreshed["refresh_token"])
+    assert gone.status_code == 400 and gone.json()["error"] == "invalid_scope"
+
+
+async def test_invalid_scope_repeats_only_what_could_be_a_scope_name(client, realm):
+    email = await _user(client, realm)
+    refused = await password_grant(client, realm, email, scope='openid adm\u00efn"x\\ admin')
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope"
+    description = refused.json()["error_description"]
+    assert description.isascii() and '"' not in description and "\\" not in description
+    assert description.endswith(": admin.")
+
+
+async def test_scope_names_are_separated_by_spaces_only(client, realm):
+    email = await _user(client, realm)
+    tabbed = await password_grant(client, realm, email, scope="openid\temail")
+    assert tabbed.status_code == 400 and tabbed.json()["error"] == "invalid_scope"
+    spaced = await password_grant(client, realm, email, scope="  openid   email ")
+    assert spaced.status_code == 200 and spaced.json()["scope"] == "openid email"
+
+
+async def test_custom_claims_cannot_set_a_scope(client, realm):
+    from authgate.core.sessions import check_custom_claims
+
+    with pytest.raises(AuthError) as refused:
+        check_custom_claims({"scope": "admin"})
+    assert refused.value.code is ErrorCode.INVALID_REQUEST

@@ -26,7 +26,7 @@ from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store import tables as t
 from authgate.store import db
 from authgate.store.db import SqlStore
-from tests.conftest import PG_ADMIN_DSN, new_database
+from tests.conftest import PASSWORD, PG_ADMIN_DSN, new_database, unique_email
 
 
 def a_user(realm: Realm, **fields: object) -> User:
@@ -266,6 +266,35 @@ async def test_concurrent_key_rotations_leave_one_active_key(core: Core, realm: 
     assert all(key.publish_until is not None for key in keys if key.status == "retired")
 
 
+async def test_a_realm_locked_for_a_change_still_lets_users_sign_in(core: Core, realm: Realm):
+    """The lock that orders key rotations and settings changes is not one that the foreign
+    key checks of a new session wait for (PostgreSQL: FOR NO KEY UPDATE). SQLite's writes
+    take turns anyway: there, the session opens once the change is done."""
+    import asyncio
+
+    from authgate.core.users import NewUser
+
+    user = await core.users.create(realm, NewUser(email=unique_email(), password=PASSWORD))
+    locked, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with core.store.transaction(write=True) as tx:
+            await tx.realms.lock(realm.id)
+            locked.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await locked.wait()
+    opening = asyncio.create_task(core.sessions.start(realm, user, amr=["pwd"]))
+    try:
+        if not core.store.is_sqlite:
+            assert (await asyncio.wait_for(asyncio.shield(opening), 5)).access_token
+    finally:
+        release.set()
+        await holder
+    assert (await opening).access_token
+
+
 async def test_concurrent_changes_to_a_realms_settings_all_stay(core: Core, realm: Realm):
     import asyncio
 
@@ -338,6 +367,43 @@ async def test_housekeeping_deletes_only_what_has_outlived_its_use(core: Core, r
         assert await tx.refresh_tokens.get(old_token.id) is not None  # reuse detection intact
         assert await tx.challenges.by_hash(challenge.token_hash) is None
         assert await tx.users.get(user.id) is not None
+
+
+async def test_housekeeping_keeps_a_throttle_counter_with_an_attempt_in_flight(core: Core):
+    """A counter whose window passed long ago but whose attempt is still being checked stays:
+    deleting it would forget that attempt."""
+    from authgate.core.models import ThrottleState
+
+    now = utcnow()
+    long_ago = now - timedelta(seconds=core.settings.throttle_window * 3)
+    in_flight, lapsed, idle = (f"test:{new_id()}" for _ in range(3))
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(
+            ThrottleState(key=in_flight, failures=0, window_started_at=long_ago, pending=1,
+                          pending_until=now + timedelta(seconds=60)),
+            ThrottleState(key=lapsed, failures=0, window_started_at=long_ago, pending=1,
+                          pending_until=now - timedelta(seconds=1)),
+            ThrottleState(key=idle, failures=3, window_started_at=long_ago))
+    await core.housekeeping.purge()
+    async with core.store.transaction() as tx:
+        assert await tx.throttle.get(in_flight) is not None
+        assert await tx.throttle.get(lapsed) is None and await tx.throttle.get(idle) is None
+
+
+async def test_a_realms_first_key_is_published_at_once(core: Core, realm: Realm):
+    """A JWKS cached while the realm had no key (made by an older version, or its keys
+    deleted by hand) is dropped when the first key is made."""
+    import orjson
+    from sqlalchemy import delete
+
+    async with core.store.transaction(write=True) as tx:
+        await tx.conn.execute(delete(t.signing_keys).where(t.signing_keys.c.realm_id == realm.id))
+    core.keys._signers.pop(realm.id)
+    core.keys._jwks.pop(realm.id)
+    assert orjson.loads(await core.keys.jwks(realm)) == {"keys": []}
+    signer = await core.keys.signer(realm)
+    assert [key["kid"] for key in orjson.loads(await core.keys.jwks(realm))["keys"]] == \
+        [signer.kid]
 
 
 async def _live_token(core: Core, realm: Realm, *, session_ttl: timedelta = timedelta(hours=1),

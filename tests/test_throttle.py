@@ -75,6 +75,31 @@ async def test_ipv6_addresses_are_counted_by_their_64_block(strict: Core, realm:
     assert mapped.value.code is ErrorCode.TOO_MANY_ATTEMPTS
 
 
+@pytest.mark.parametrize(("address", "counted_as"), [
+    ("2001:db8:7:42::1", "2001:db8:7:42::/64"),
+    ("::ffff:198.51.100.7", "198.51.100.7"),
+    ("64:ff9b::c633:6401", "198.51.100.1"),  # NAT64/SIIT: the IPv4 client behind it
+    ("2002:c633:6401:ffff::1", "198.51.100.1"),  # 6to4: one IPv4 address, 65,536 /64s
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # Teredo: the client's address
+    ("::1", "::1"),
+    ("198.51.100.7", "198.51.100.7"),
+    ("not an address", "not an address"),
+])
+def test_an_address_is_counted_as_its_block(address: str, counted_as: str):
+    from authgate.core.throttle import address_block
+
+    assert address_block(address) == counted_as
+
+
+async def test_clients_behind_one_nat64_prefix_are_counted_apart(strict: Core, realm: Realm):
+    email = unique_email()
+    await strict.users.create(realm, NewUser(email=email, password=PASSWORD))
+    for _ in range(3):
+        await _fail(strict, realm, unique_email(), "64:ff9b::c633:6401")
+    other = ClientInfo(ip="64:ff9b::cb00:7105")
+    assert (await strict.signin.password(realm, email, PASSWORD, other)).user.email == email
+
+
 async def test_guesses_sent_at_once_are_throttled_as_if_sent_in_turn(strict: Core, realm: Realm):
     """Each attempt is counted before its password is checked, so of many sent together only
     the free ones are checked at all."""
@@ -171,6 +196,44 @@ async def test_an_emptied_counter_starts_a_new_window(strict: Core, realm: Realm
     async with strict.store.transaction() as tx:
         state = await tx.throttle.get(key.key)
     assert state.window_started_at > utcnow() - timedelta(seconds=5)
+
+
+async def test_right_and_wrong_passwords_at_once_never_deadlock(core: Core, realm: Realm):
+    """A success settles its counters in the order a new attempt locks them (key order), not
+    in the order the table happens to be scanned: 180 sign-ins of one user from one address,
+    right and wrong at once, all get an answer of their own."""
+    import asyncio
+    from collections import Counter
+
+    settings = core.settings.model_copy(update={"throttle_ip_free_attempts": 100_000,
+                                                "throttle_free_attempts": 100_000})
+    loose = Core(settings, core.store, _master())
+    try:
+        email = unique_email()
+        await loose.users.create(realm, NewUser(email=email, password=PASSWORD))
+        here = ClientInfo(ip="198.51.100.9")
+        # The login id's counter made first, so a scan in table order meets it first, while
+        # key order puts the address's ("ip:...") first.
+        keys = await loose.signin._throttle_keys(realm, email, None, here)
+        for key in keys:
+            async with loose.store.transaction(write=True) as tx:
+                await tx.throttle.lock_many([key.key], loose.now())
+
+        async def sign_in(right: bool) -> str:
+            try:
+                await loose.signin.password(realm, email, PASSWORD if right else "wrong guess",
+                                            here)
+            except AuthError as refused:
+                return refused.code.value
+            return "ok"
+
+        answers: Counter[str] = Counter()
+        for _ in range(3):
+            answers.update(await asyncio.gather(*(sign_in(i % 2 == 1) for i in range(60))))
+        assert set(answers) <= {"ok", "invalid_credentials"}, answers
+        assert answers["ok"] == 90
+    finally:
+        loose.hasher.close()
 
 
 async def test_sign_ins_sent_at_once_by_the_owner_block_nothing(strict: Core, realm: Realm):

@@ -87,7 +87,7 @@ async def token(request: Request) -> Response:
         tokens = await core.sessions.start(
             realm, signed_in.user, amr=signed_in.amr, client=client, client_id=client_id,
             nonce=string_field(form, "nonce", max_length=500),
-            with_id_token="openid" in scope.split(), scope=scope)
+            with_id_token="openid" in scope.split(" "), scope=scope)
         return token_response(tokens)
     if grant_type == "refresh_token":
         raw = string_field(form, "refresh_token", required=True, max_length=512)

@@ -182,10 +182,15 @@ def client_info(request: Request, *, device_key: str | None = None) -> ClientInf
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, an IPv4-mapped one as its IPv4 address (a dual-stack listener sees an
+    IPv4 proxy as ``::ffff:10.0.0.5``)."""
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _in(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,

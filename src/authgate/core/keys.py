@@ -102,6 +102,7 @@ class Keys:
             async with self.core.store.transaction(write=True) as tx:
                 await tx.realms.lock(realm.id)  # one first key, whatever the nodes racing
                 key = await tx.signing_keys.active(realm.id) or await self.create_first(tx, realm)
+            self._jwks.pop(realm.id)  # a JWKS cached while the realm had no key is stale
         pem = self.core.box.decrypt(_PURPOSE, key.private_enc, key.kid)
         return self._signers.put(realm.id, jwtlib.Signer(key.kid, key.alg, pem))
 

@@ -45,8 +45,8 @@ def check_settings(settings: dict[str, Any], *, changed: dict[str, Any] | None =
             problems += scopes.check_setting(name, value)
     if not problems:
         granted = set(settings.get("scopes", REALM_DEFAULTS["scopes"]))
-        default = settings.get("default_scope", REALM_DEFAULTS["default_scope"]).split()
-        if not set(default) <= granted:
+        default = settings.get("default_scope", REALM_DEFAULTS["default_scope"]).split(" ")
+        if not set(default) - {""} <= granted:
             problems.append("default_scope names scopes that scopes does not list.")
     if problems:
         raise AuthError(ErrorCode.INVALID_REQUEST, " ".join(problems))

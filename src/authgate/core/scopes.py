@@ -35,10 +35,11 @@ MAX_SCOPES = 100
 
 
 def normalise_scope(scope: str | None) -> str | None:
-    """Space-separated scope tokens, each once, in the order given; None when empty."""
+    """Scope tokens separated by spaces (only U+0020, RFC 6749 §3.3), each once, in the
+    order given; None when empty."""
     if not scope:
         return None
-    return " ".join(dict.fromkeys(scope.split())) or None
+    return " ".join(dict.fromkeys(token for token in scope.split(" ") if token)) or None
 
 
 def grant(realm: Realm, requested: str | None) -> str:
@@ -49,12 +50,25 @@ def grant(realm: Realm, requested: str | None) -> str:
         raise AuthError(ErrorCode.INVALID_SCOPE, "No scope was asked for and the realm has "
                         "no default scope.")
     allowed = set(realm.setting("scopes"))
-    refused = [token for token in scope.split() if token not in allowed]
+    refused = [token for token in scope.split(" ") if token not in allowed]
     if refused:
-        shown = " ".join(refused)[:200]
-        raise AuthError(ErrorCode.INVALID_SCOPE,
-                        f"The realm does not grant these scopes: {shown}.")
+        # Only names a scope could have are repeated (error_description is printable ASCII
+        # without '"' or '\\', RFC 6749 §5.2).
+        named = " ".join(token for token in refused if SCOPE_TOKEN.fullmatch(token))[:200]
+        raise AuthError(ErrorCode.INVALID_SCOPE, "The realm does not grant the scope asked "
+                        "for" + (f": {named}." if named else "."))
     return scope
+
+
+def still_granted(realm: Realm, scope: str) -> str:
+    """The part of a recorded grant that its realm still lists; INVALID_SCOPE when nothing
+    is left (the session must sign in again)."""
+    allowed = set(realm.setting("scopes"))
+    kept = [token for token in scope.split(" ") if token in allowed]
+    if not kept:
+        raise AuthError(ErrorCode.INVALID_SCOPE, "The realm no longer grants the scope of "
+                        "this session; sign in again.")
+    return " ".join(kept)
 
 
 def shown_claims(claims: dict[str, Any], scope: str | None) -> dict[str, Any]:
@@ -63,7 +77,7 @@ def shown_claims(claims: dict[str, Any], scope: str | None) -> dict[str, Any]:
     if scope is None:
         return claims
     shown: set[str] = set()
-    for token in scope.split():
+    for token in scope.split(" "):
         shown |= CLAIMS_OF_SCOPE.get(token, frozenset())
     return {name: value for name, value in claims.items() if name in shown}
 
@@ -79,11 +93,11 @@ def check_setting(name: str, value: Any) -> list[str]:
     else:
         if not isinstance(value, str):
             return ["default_scope must be a string of space-separated scope names."]
-        tokens = value.split()
+        tokens = [token for token in value.split(" ") if token]
     tokens = list(tokens)
     if len(tokens) > MAX_SCOPES:
         return [f"{name} names more than {MAX_SCOPES} scopes."]
     if not all(isinstance(token, str) and SCOPE_TOKEN.fullmatch(token) for token in tokens):
         return [f"{name}: a scope name is 1-100 printable ASCII characters, without spaces, "
-                "'\"' or '\\'."]
+                "double quotes or backslashes."]
     return []

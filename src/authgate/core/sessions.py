@@ -227,11 +227,17 @@ class Sessions:
         else:
             session, user, successor_raw = await self._rotate(realm, raw, client, requested,
                                                               client_id)
+        # What this token carries: the grant as narrowed, less what the realm no longer lists
+        # (a session granted a scope before the realm stopped listing it, or before scopes
+        # were checked at all, does not keep it).
+        granted = requested or session.scope
+        if granted is not None:
+            granted = scopes.still_granted(realm, granted)
         if with_id_token is None:
-            with_id_token = session.scope is None or "openid" in session.scope.split()
+            with_id_token = granted is None or "openid" in granted.split(" ")
         return await self._tokens(realm, user, session, successor_raw,
                                   extra_claims=extra_claims, with_id_token=with_id_token,
-                                  access_ttl=access_ttl, scope=requested)
+                                  access_ttl=access_ttl, scope=granted)
 
     async def _rotate_live(self, realm: Realm, raw: str, client: ClientInfo | None,
                            client_id: str | None) -> tuple[Session, User, str] | None:
@@ -273,7 +279,7 @@ class Sessions:
                                 "The refresh token was issued to another client.")
             # A session with no recorded grant (a dialect's) has nothing a scope can narrow.
             if requested and (session.scope is None
-                              or not set(requested.split()) <= set(session.scope.split())):
+                              or not set(requested.split(" ")) <= set(session.scope.split(" "))):
                 raise AuthError(ErrorCode.INVALID_SCOPE)
             if token.rotated_at is None:
                 rotated = await self._rotate_in(tx, realm, token.token_hash, client, client_id)
@@ -461,7 +467,7 @@ class Sessions:
         return await self.refresh(realm, raw, client, with_id_token=False)
 
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "amr",
-                             "azp", "auth_time", "nonce", "acr", "cnf"})
+                             "azp", "auth_time", "nonce", "acr", "cnf", "scope"})
 
 
 def profile_claims(user: User) -> dict[str, Any]:

@@ -45,19 +45,36 @@ PENDING_LEASE = timedelta(seconds=60)
 BUSY_SECONDS = 1.0
 
 
+# IPv6 prefixes whose addresses carry an IPv4 client in their last 32 bits: NAT64's
+# well-known and local-use prefixes (RFC 6052, RFC 8215) and IPv4-compatible addresses.
+_IPV4_EMBEDDED = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"),
+                  ipaddress.IPv6Network("::/96"))
+
+
 def address_block(ip: str) -> str:
-    """What a client address is counted as: an IPv4 address by itself, an IPv6 address by
+    """What a client address is counted as: an IPv4 address by itself; an IPv6 address by
     its /64, the block one subscriber is given (whoever holds one can send from 2**64
-    addresses), an IPv4-mapped IPv6 address as its IPv4 address."""
+    addresses); an IPv6 address that stands for an IPv4 client (IPv4-mapped, NAT64, 6to4,
+    Teredo) as that IPv4 address, so that the clients behind one translator are not counted
+    as one, nor one IPv4 address as 65,536 6to4 blocks."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
-    return str(address)
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is None and address.teredo is not None:
+        embedded = address.teredo[1]  # (server, client)
+    if embedded is None and address not in (ipaddress.IPv6Address("::"),
+                                            ipaddress.IPv6Address("::1")) and any(
+            address in prefix for prefix in _IPV4_EMBEDDED):
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if embedded is not None:
+        return str(embedded)
+    if address.is_loopback:
+        return str(address)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,9 +172,13 @@ class RealmRepo(_Repo):
 
     async def lock(self, realm_id: str) -> m.Realm | None:
         """The realm, its row locked until the end of the write transaction (PostgreSQL: FOR
-        UPDATE; SQLite's write transaction is exclusive): changes to a realm's keys or
-        settings made under it happen one after the other."""
-        return await self._get(lock=True, id=realm_id)
+        NO KEY UPDATE, which the foreign-key checks of sign-ins do not wait for; SQLite's write
+        transaction is exclusive): changes to a realm's keys or settings made under it happen
+        one after the other."""
+        statement = _statement(("realm_lock",), lambda: select(t.realms).where(
+            t.realms.c.id == bindparam("w_id")).with_for_update(key_share=True))
+        row = (await self.conn.execute(statement, {"w_id": realm_id})).first()
+        return _record(m.Realm, row) if row is not None else None
 
     async def by_name(self, name: str) -> m.Realm | None:
         return await self._get(name=name)
@@ -867,8 +871,8 @@ class ThrottleRepo(_Repo):
                                             for name, value in _values(state).items()})
 
     async def settle(self, cleared: str, taken_back: Sequence[str], now: datetime) -> None:
-        """A pending attempt ended well, in one statement that is atomic by itself (the row
-        locks of the UPDATE on PostgreSQL, the writer lock on SQLite): every key loses the
+        """A pending attempt ended well, in one statement that is atomic by itself (its row
+        locks, taken in key order, on PostgreSQL; the writer lock on SQLite): every key loses the
         attempt (all its pending attempts once their lease lapsed by ``now``), and ``cleared``
         also loses its failures and its block. Counters left at zero stay for the purge."""
         keys = sorted({cleared, *taken_back})
@@ -881,8 +885,13 @@ class ThrottleRepo(_Repo):
             is_cleared = c.key == bindparam("cleared")
             lapsed = and_(c.pending_until.is_not(None), c.pending_until <= when)
             left = case((c.pending > 1, c.pending - 1), else_=0)
+            # The rows are locked in key order first, as lock_many locks them: an UPDATE
+            # locks in the order it scans, and two orders deadlock.
+            locked = (select(c.key)
+                      .where(c.key.in_([bindparam(f"k{i}") for i in range(len(keys))]))
+                      .order_by(c.key).with_for_update().cte("locked"))
             return (update(table)
-                    .where(c.key.in_([bindparam(f"k{i}") for i in range(len(keys))]))
+                    .where(c.key.in_(select(locked.c.key)))
                     .values(pending=case((lapsed, 0), else_=left),
                             failures=case((is_cleared, 0), else_=c.failures),
                             blocked_until=case((is_cleared, null()), else_=c.blocked_until)))
@@ -933,7 +942,9 @@ class HousekeepingRepo:
         c = t.throttle_counters.c
         counts["throttle_counters"] = await self._delete(
             t.throttle_counters, c.window_started_at < stale,
-            or_(c.blocked_until.is_(None), c.blocked_until < now))
+            or_(c.blocked_until.is_(None), c.blocked_until < now),
+            # Not while an attempt is in flight (its lease not lapsed): it would be forgotten.
+            or_(c.pending == 0, c.pending_until.is_(None), c.pending_until <= now))
         return counts
 
 
