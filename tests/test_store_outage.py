@@ -55,6 +55,30 @@ async def test_a_postgresql_database_gone_under_the_store_is_store_unavailable(t
             await store.close()
 
 
+async def test_a_deadlock_on_postgresql_is_store_unavailable(tmp_path: Path):
+    """PostgreSQL breaks a deadlock by rolling one transaction back: that request is told to
+    retry (503), like one that met any other passing failure, and the other one goes on."""
+    async with new_database("postgres", tmp_path) as url:
+        store = SqlStore.from_url(url, pool_size=4)
+        try:
+            async with store.transaction(write=True) as tx:
+                await tx.conn.execute(text("CREATE TABLE pair (id int PRIMARY KEY)"))
+                await tx.conn.execute(text("INSERT INTO pair VALUES (1), (2)"))
+            both = asyncio.Barrier(2)
+
+            async def lock(first: int, second: int) -> None:
+                async with store.transaction(write=True) as tx:
+                    await tx.conn.execute(text(f"SELECT 1 FROM pair WHERE id = {first} FOR UPDATE"))
+                    await both.wait()
+                    await tx.conn.execute(text(f"SELECT 1 FROM pair WHERE id = {second} FOR UPDATE"))
+
+            results = await asyncio.gather(lock(1, 2), lock(2, 1), return_exceptions=True)
+            assert sorted(type(r).__name__ for r in results) == ["NoneType", "StoreUnavailable"]
+            await asyncio.wait_for(store.ping(), 5)
+        finally:
+            await store.close()
+
+
 async def test_a_programming_error_on_postgresql_is_not_an_outage(tmp_path: Path):
     """asyncpg reports a wrong argument count as an InterfaceError on a healthy connection:
     a bug (500), not StoreUnavailable (503), and the store goes on working."""

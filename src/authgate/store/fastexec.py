@@ -239,12 +239,14 @@ def _json_text(value: Any) -> str:
 
 
 # Errors that say the database is unavailable for now (unreachable, the connection lost, out
-# of a resource), not that a statement was wrong: the request meeting one is answered 503 and
-# may be retried. SQLite: the primary result codes BUSY, LOCKED, IOERR, FULL and CANTOPEN.
+# of a resource, a transaction rolled back to break a deadlock or a serialisation conflict),
+# not that a statement was wrong: the request meeting one is answered 503 and may be retried.
+# SQLite: the primary result codes BUSY, LOCKED, IOERR, FULL and CANTOPEN.
 _SQLITE_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR,
                                  sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN})
 _PG_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
-                   asyncpg.InsufficientResourcesError, ConnectionError)
+                   asyncpg.InsufficientResourcesError, asyncpg.TransactionRollbackError,
+                   ConnectionError)
 
 
 def is_open(connection: Any) -> bool:
