@@ -12,6 +12,7 @@ sign-in) shows them all, as those services' own endpoints do.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -63,8 +64,14 @@ def grant(realm: Realm, requested: str | None) -> str:
 def still_granted(realm: Realm, scope: str) -> str:
     """The part of a recorded grant that its realm still lists; INVALID_SCOPE when nothing
     is left (the session must sign in again)."""
-    allowed = set(realm.setting("scopes"))
-    kept = [token for token in scope.split(" ") if token in allowed]
+    allowed = realm.setting("scopes")
+    tokens = scope.split(" ")
+    for token in tokens:
+        if token not in allowed:
+            break
+    else:  # the usual case, on every refresh
+        return scope
+    kept = [token for token in tokens if token in allowed]
     if not kept:
         raise AuthError(ErrorCode.INVALID_SCOPE, "The realm no longer grants the scope of "
                         "this session; sign in again.")
@@ -76,10 +83,21 @@ def shown_claims(claims: dict[str, Any], scope: str | None) -> dict[str, Any]:
     recorded grant)."""
     if scope is None:
         return claims
-    shown: set[str] = set()
-    for token in scope.split(" "):
-        shown |= CLAIMS_OF_SCOPE.get(token, frozenset())
+    shown = _shown_names(scope)
+    if shown is None:
+        return claims
     return {name: value for name, value in claims.items() if name in shown}
+
+
+_EVERY_CLAIM = frozenset().union(*CLAIMS_OF_SCOPE.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _shown_names(scope: str) -> frozenset[str] | None:
+    """The claim names a scope shows; None when it shows every one (on every userinfo and
+    refresh: worked out once per scope)."""
+    shown = frozenset().union(*(CLAIMS_OF_SCOPE.get(token, ()) for token in scope.split(" ")))
+    return None if shown >= _EVERY_CLAIM else shown
 
 
 def check_setting(name: str, value: Any) -> list[str]:
