@@ -22,6 +22,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -523,11 +524,11 @@ class RefreshTokenRepo(_Repo):
         return session, user
 
 
-def _live_token() -> Any:
+def _live_token(rt: Any = t.refresh_tokens.c, s: Any = t.sessions.c,
+                u: Any = t.users.c) -> Any:
     """The refresh token named by ``token_hash`` is live: not rotated, not expired, its session
     in ``realm_id`` neither revoked nor expired and issued to ``client_id`` (when both name
-    one), its user active."""
-    rt, s, u = t.refresh_tokens.c, t.sessions.c, t.users.c
+    one), its user active. ``rt``, ``s`` and ``u``: the columns the rows are read from."""
     now = bindparam("now", type_=t.UTCDateTime())
     # client_id NULL: coalesce makes the comparison true.
     same_client = or_(s.client_id.is_(None),
@@ -539,22 +540,45 @@ def _live_token() -> Any:
                 u.status == bindparam("user_status"))
 
 
+def _by_key(table: Table, key: Any, name: str) -> Any:
+    """The row of ``table`` whose primary key is ``key`` (a column of a row read before), as
+    a LATERAL subquery that the planner may not merge into the join (OFFSET 0): it is read by
+    its key, whatever the planner estimates."""
+    return select(table).where(table.c.id == key).offset(0).lateral(name)
+
+
 def _rotate_live_cte() -> Any:
     """``RefreshTokenRepo.rotate_live`` as one PostgreSQL statement. Every part runs on the
     same snapshot; the guarded UPDATE locks the token row, so of two concurrent rotations of
-    one token the second finds it rotated and changes nothing."""
+    one token the second finds it rotated and changes nothing.
+
+    The token is found by its hash, then its session and user by their keys (``_by_key``): left
+    to its estimates (small tables, or none analysed yet), the planner had started from the
+    realm's active users and looked the token up once for each of their sessions, or read
+    the session's whole chain of rotated tokens: work growing with a user's sessions."""
     rt, s, u, a = t.refresh_tokens, t.sessions, t.users, t.audit_events
 
     def param(name: str, column: Any) -> Any:
         return bindparam(name, type_=column.type)
 
     now = param("now", rt.c.created_at)
+    found = rt.alias("found")
+    session = _by_key(s, found.c.session_id, "found_session")
+    user = _by_key(u, session.c.user_id, "found_user")
+    live = (select(found.c.id.label("token_id"),
+                   *(session.c[c.name].label(f"s_{c.name}") for c in s.c),
+                   *(user.c[c.name].label(f"u_{c.name}") for c in u.c))
+            .select_from(found.join(session, true()).join(user, true()))
+            .where(_live_token(found.c, session.c, user.c))
+            .cte("live").prefix_with("MATERIALIZED"))
     rotated = (
-        update(rt).where(_live_token())
+        # By its hash again: the unique index finds the row (the planner, estimating, had
+        # scanned every unrotated token to join them to ``live``).
+        update(rt).where(rt.c.token_hash == bindparam("token_hash"), rt.c.id == live.c.token_id,
+                         rt.c.rotated_at.is_(None))
         .values(rotated_at=now, successor_id=bindparam("successor_id"),
                 successor_enc=bindparam("successor_enc"))
-        .returning(rt.c.id.label("token_id"), *(c.label(f"s_{c.name}") for c in s.c),
-                   *(c.label(f"u_{c.name}") for c in u.c))
+        .returning(*live.c)
         .cte("rotated"))
     successor = insert(rt).from_select(
         ["id", "session_id", "token_hash", "parent_id", "created_at", "expires_at"],
