@@ -20,8 +20,6 @@ from typing import Any
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm
 
-OIDC_SCOPES = ("openid", "profile", "email", "phone", "offline_access")
-
 # OIDC Core §5.4; the claims Authgate keeps of each.
 CLAIMS_OF_SCOPE: dict[str, frozenset[str]] = {
     "profile": frozenset({"name", "given_name", "middle_name", "family_name",
