@@ -36,8 +36,9 @@ TOKEN_REQUEST: dict[str, Any] = {
         "mfa_code": {"type": "string", "description": "password grant, for a user with TOTP: "
                      "a TOTP or a recovery code"},
         "refresh_token": {"type": "string", "description": "refresh_token grant"},
-        "scope": {"type": "string", "description": "space-separated; on refresh it may only "
-                  "narrow the session's grant"},
+        "scope": {"type": "string", "description": "space-separated; at sign-in, scopes the "
+                  "realm lists (its default scope when absent); on refresh it may only narrow "
+                  "the session's grant"},
         "client_id": {"type": "string"},
         "nonce": {"type": "string", "description": "password grant: echoed in the ID token"},
     },
