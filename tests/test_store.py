@@ -295,55 +295,69 @@ async def test_a_realm_locked_for_a_change_still_lets_users_sign_in(core: Core, 
     assert (await opening).access_token
 
 
-async def test_a_refresh_reads_each_row_by_its_key_whatever_the_user_holds(core: Core,
-                                                                            realm: Realm):
-    """The rotation's plan, as the database will cache it for every later refresh (a generic
-    plan, on tables never analysed), reads the token by its hash and the session and user by
-    their keys: nothing that grows with the user's other sessions or the session's rotated
-    tokens. The planner, left to its estimates, had done both."""
-    from authgate.store.repositories import _rotate_live_cte
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_refresh_reads_each_row_by_its_key_whatever_the_user_holds(backend: str,
+                                                                            tmp_path: Path):
+    """The rotation's plan, as the database caches it for every later refresh (a generic plan)
+    on tables not yet analysed (a new deployment; a new database here, its tables kept from
+    autovacuum), reads the token by its hash and the session and user by their keys: nothing
+    that grows with the user's other sessions or the session's rotated tokens. The planner,
+    left to its estimates, had done both."""
+    from sqlalchemy import select
 
-    user = a_user(realm, email=f"{new_id()}@example.com")
-    async with core.store.transaction(write=True) as tx:
-        await tx.users.add(user)
-        for _ in range(30):
-            session = a_session(realm, user)
-            await tx.sessions.add(session)
-            for _ in range(5):
-                await tx.refresh_tokens.add(RefreshToken(
-                    id=new_id(), session_id=session.id, token_hash=digest(new_token()),
-                    created_at=utcnow(), expires_at=utcnow() + timedelta(hours=1),
-                    rotated_at=utcnow()))
-    async with core.store.transaction() as tx:
-        if core.store.is_sqlite:
-            from sqlalchemy import select
+    from authgate.store.migrate import upgrade
+    from authgate.store.repositories import _live_token, _rotate_live_cte
 
-            from authgate.store.repositories import _live_token
-
-            compiled = (select(t.refresh_tokens.c.id, t.sessions, t.users)
-                        .select_from(t.refresh_tokens).where(_live_token())
-                        .compile(dialect=tx.conn.dialect))
-            plan = [row[-1] for row in tx.conn._raw.execute(
-                "EXPLAIN QUERY PLAN " + compiled.string, [None] * len(compiled.positiontup))]
-            assert len(plan) == 3 and all(step.startswith("SEARCH") for step in plan), plan
-            assert not any("ix_" in step for step in plan), plan
-        else:
-            compiled = _rotate_live_cte().compile(dialect=tx.conn.dialect)
-            raw = tx.conn._raw
-            count = len(compiled.positiontup)
-            placeholders = ", ".join(f"NULL::{_pg_type(compiled, n)}"
-                                     for n in compiled.positiontup)
-            await raw.execute("SET plan_cache_mode = force_generic_plan")
-            await raw.execute(f"PREPARE rotation_plan AS {compiled.string}")
-            try:
-                plan = "\n".join(row[0] for row in await raw.fetch(
-                    f"EXPLAIN EXECUTE rotation_plan({placeholders})"))
-            finally:
-                await raw.execute("DEALLOCATE rotation_plan")
-                await raw.execute("RESET plan_cache_mode")
-            assert count and "Seq Scan" not in plan, plan
+    realm = Realm(id=new_id(), name="plan", display_name="plan", project_id="Pplan",
+                  settings={}, created_at=utcnow())
+    user = a_user(realm, email="plan@example.com")
+    async with new_database(backend, tmp_path) as url:
+        store = SqlStore.from_url(url)
+        try:
+            await upgrade(store.engine)
+            async with store.transaction(write=True) as tx:
+                if not store.is_sqlite:
+                    for table in ("users", "sessions", "refresh_tokens"):
+                        await tx.conn.execute(text(
+                            f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+                await tx.realms.add(realm)
+                await tx.users.add(user)
+                for _ in range(30):
+                    session = a_session(realm, user)
+                    await tx.sessions.add(session)
+                    for _ in range(5):
+                        await tx.refresh_tokens.add(RefreshToken(
+                            id=new_id(), session_id=session.id, token_hash=digest(new_token()),
+                            created_at=utcnow(), expires_at=utcnow() + timedelta(hours=1),
+                            rotated_at=utcnow()))
+            async with store.transaction() as tx:
+                raw = tx.conn._raw
+                if store.is_sqlite:
+                    compiled = (select(t.refresh_tokens.c.id, t.sessions, t.users)
+                                .select_from(t.refresh_tokens).where(_live_token())
+                                .compile(dialect=tx.conn.dialect))
+                    plan = [row[-1] for row in raw.execute(
+                        "EXPLAIN QUERY PLAN " + compiled.string,
+                        [None] * len(compiled.positiontup))]
+                    assert len(plan) == 3 and all(step.startswith("SEARCH") for step in plan)
+                    assert not any("ix_" in step for step in plan), plan
+                    return
+                compiled = _rotate_live_cte().compile(dialect=tx.conn.dialect)
+                placeholders = ", ".join(f"NULL::{_pg_type(compiled, n)}"
+                                         for n in compiled.positiontup)
+                await raw.execute("SET plan_cache_mode = force_generic_plan")
+                await raw.execute(f"PREPARE rotation_plan AS {compiled.string}")
+                try:
+                    plan = "\n".join(row[0] for row in await raw.fetch(
+                        f"EXPLAIN EXECUTE rotation_plan({placeholders})"))
+                finally:
+                    await raw.execute("DEALLOCATE rotation_plan")
+                    await raw.execute("RESET plan_cache_mode")
+            assert "Seq Scan" not in plan and "uq_refresh_tokens_token_hash" in plan, plan
             assert "ix_sessions_user_id" not in plan and "ix_refresh_tokens_session_id" \
                 not in plan, plan
+        finally:
+            await store.close()
 
 
 def _pg_type(compiled: object, name: str) -> str:
