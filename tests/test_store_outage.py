@@ -79,6 +79,42 @@ async def test_a_deadlock_on_postgresql_is_store_unavailable(tmp_path: Path):
             await store.close()
 
 
+async def test_a_postgresql_statement_waiting_past_its_timeout_is_store_unavailable(
+        tmp_path: Path):
+    """A request blocked on a lock held elsewhere (another client stuck mid-transaction) gets
+    its answer, 503, after ``db_statement_timeout`` instead of waiting for ever; and a
+    transaction left idle past ``db_idle_transaction_timeout`` is ended, its locks released."""
+    async with new_database("postgres", tmp_path) as url:
+        store = SqlStore.from_url(url, pool_size=3, statement_timeout=0.3,
+                                  idle_transaction_timeout=0.5)
+        other = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            async with store.transaction(write=True) as tx:
+                await tx.conn.execute(text("CREATE TABLE item (id int PRIMARY KEY, n int)"))
+                await tx.conn.execute(text("INSERT INTO item VALUES (1, 0)"))
+            holder = other.transaction()
+            await holder.start()
+            await other.execute("UPDATE item SET n = n + 1 WHERE id = 1")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(StoreUnavailable):
+                async with store.transaction(write=True) as tx:
+                    await tx.conn.execute(text("UPDATE item SET n = n + 1 WHERE id = 1"))
+            assert asyncio.get_running_loop().time() - started < 5
+            await holder.rollback()
+
+            # A store transaction left idle is ended by the server; the row is free again.
+            with pytest.raises(StoreUnavailable):
+                async with store.transaction(write=True) as tx:
+                    await tx.conn.execute(text("UPDATE item SET n = n + 1 WHERE id = 1"))
+                    await asyncio.sleep(1.5)
+                    await tx.conn.execute(text("SELECT 1"))
+            await asyncio.wait_for(other.execute("UPDATE item SET n = 5 WHERE id = 1"), 5)
+            await asyncio.wait_for(store.ping(), 5)
+        finally:
+            await other.close()
+            await store.close()
+
+
 async def test_a_programming_error_on_postgresql_is_not_an_outage(tmp_path: Path):
     """asyncpg reports a wrong argument count as an InterfaceError on a healthy connection:
     a bug (500), not StoreUnavailable (503), and the store goes on working."""

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     trusted_proxies: list[str] = Field(default_factory=list)
+    # PostgreSQL: a statement running or waiting on a lock longer than this is cancelled (the
+    # request is answered 503 and may be retried), and a transaction left idle this long
+    # (a node stopped mid-transaction) is ended, releasing its locks. Seconds.
+    db_statement_timeout: float = Field(15.0, gt=0, le=3600)
+    db_idle_transaction_timeout: float = Field(60.0, gt=0, le=86_400)
 
     # The master secret protects private keys and secrets at rest.
     master_secret: SecretStr | None = None

@@ -47,7 +47,9 @@ REQUESTS = Histogram("authgate_http_request_seconds", "HTTP request latency",
 
 async def build_core(settings: Settings) -> Core:
     """Open the store, bring the schema up to date, and make sure the default realm exists."""
-    store = SqlStore.from_url(settings.database_url)
+    store = SqlStore.from_url(settings.database_url,
+                              statement_timeout=settings.db_statement_timeout,
+                              idle_transaction_timeout=settings.db_idle_transaction_timeout)
     if settings.is_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     await upgrade(store.engine)

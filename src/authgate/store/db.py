@@ -358,8 +358,17 @@ async def _finish(awaitable: Any) -> tuple[asyncio.Future[Any], bool]:
 class SqlStore:
     """The core's ``Store``: hands out transactions whose repositories share one connection."""
 
-    def __init__(self, engine: AsyncEngine, *, pool_size: int = 10) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int = 10,
+                 statement_timeout: float = 15.0,
+                 idle_transaction_timeout: float = 60.0) -> None:
         self.engine = engine
+        # PostgreSQL session settings of every connection: no request waits on the database
+        # for ever, and no stopped client holds its locks for ever.
+        self._pg_settings = {
+            "statement_timeout": str(max(1, round(statement_timeout * 1000))),
+            "idle_in_transaction_session_timeout":
+                str(max(1, round(idle_transaction_timeout * 1000))),
+        }
         self.dialect = engine.dialect
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._pool_size = pool_size
@@ -378,8 +387,10 @@ class SqlStore:
         self._pg_pool_lock = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 10) -> SqlStore:
-        return cls(create_engine(url), pool_size=pool_size)
+    def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
+                 idle_transaction_timeout: float = 60.0) -> SqlStore:
+        return cls(create_engine(url), pool_size=pool_size, statement_timeout=statement_timeout,
+                   idle_transaction_timeout=idle_transaction_timeout)
 
     def transaction(self, *, write: bool = False,
                     single: bool = False) -> AbstractAsyncContextManager[SqlTx]:
@@ -559,7 +570,7 @@ class SqlStore:
                     self._pg_pool = await asyncpg.create_pool(
                         url.render_as_string(hide_password=False), min_size=1,
                         max_size=self._pool_size, init=init_asyncpg_connection,
-                        reset=keep_session)
+                        reset=keep_session, server_settings=self._pg_settings)
         return self._pg_pool
 
     # Both.
