@@ -115,6 +115,29 @@ async def test_a_postgresql_statement_waiting_past_its_timeout_is_store_unavaila
             await store.close()
 
 
+async def test_housekeeping_on_postgresql_is_not_cut_short_by_the_statement_timeout(
+        tmp_path: Path):
+    """Deleting a backlog of ended rows may take longer than a request may wait: the purge's
+    own transaction runs without the timeout, and the connection has it again afterwards."""
+    from datetime import UTC, datetime, timedelta
+
+    from authgate.store.migrate import upgrade
+
+    async with new_database("postgres", tmp_path) as url:
+        store = SqlStore.from_url(url, pool_size=1, statement_timeout=0.2)
+        try:
+            await upgrade(store.engine)
+            now = datetime.now(UTC)
+            async with store.transaction(write=True) as tx:
+                await tx.housekeeping.purge(now, now - timedelta(days=30), 3600)
+                await tx.conn.execute(text("SELECT pg_sleep(0.5)"))  # past 0.2 s: not cut
+            with pytest.raises(StoreUnavailable):
+                async with store.transaction(write=True) as tx:
+                    await tx.conn.execute(text("SELECT pg_sleep(0.5)"))
+        finally:
+            await store.close()
+
+
 async def test_a_programming_error_on_postgresql_is_not_an_outage(tmp_path: Path):
     """asyncpg reports a wrong argument count as an InterfaceError on a healthy connection:
     a bug (500), not StoreUnavailable (503), and the store goes on working."""

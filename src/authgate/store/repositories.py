@@ -22,6 +22,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -942,6 +943,10 @@ class HousekeepingRepo:
         return (await self.conn.execute(delete(table).where(*where))).rowcount
 
     async def purge(self, now: datetime, cutoff: datetime, throttle_window: int) -> dict[str, int]:
+        if self.conn.dialect.name == "postgresql":
+            # A backlog of ended rows may take longer to delete than a request may wait; this
+            # runs in the background, for no request (the setting ends with the transaction).
+            await self.conn.execute(text("SET LOCAL statement_timeout = 0"))
         s, rt = t.sessions.c, t.reauth_tokens.c
         ended = or_(s.expires_at < cutoff, s.revoked_at < cutoff)
         # Refresh tokens first (PostgreSQL and SQLite both cascade, but be explicit).
