@@ -104,6 +104,9 @@ async def test_a_session_with_no_recorded_grant_shows_every_claim(client, core: 
     ({"default_scope": "openid admin"}, "default_scope"),
     ({"scopes": ["openid"], "default_scope": "openid email"}, "default_scope"),
     ({"no_such_setting": True}, "no_such_setting"),
+    # Longer than a session can keep (its scope column): every sign-in asking for none failed.
+    ({"scopes": [f"s{i:02d}" + "x" * 97 for i in range(11)],
+      "default_scope": " ".join(f"s{i:02d}" + "x" * 97 for i in range(11))}, "default_scope"),
 ])
 async def test_realm_settings_of_the_wrong_shape_are_refused(core: Core, realm: Realm,
                                                               bad, named):
@@ -166,3 +169,29 @@ async def test_custom_claims_cannot_set_a_scope(client, realm):
     with pytest.raises(AuthError) as refused:
         check_custom_claims({"scope": "admin"})
     assert refused.value.code is ErrorCode.INVALID_REQUEST
+
+
+async def test_a_default_scope_stored_too_long_is_refused_not_a_server_error(client, core,
+                                                                            realm):
+    """A realm whose default scope was stored before its length was checked: sign-ins asking
+    for none are told invalid_scope, and the realm still signs in those that ask."""
+    from authgate.store import tables as t
+
+    names = [f"s{i:02d}" + "x" * 97 for i in range(11)]
+    async with core.store.transaction(write=True) as tx:
+        await tx.realms.update_settings(realm.id, {"scopes": ["openid", *names],
+                                                   "default_scope": " ".join(names)})
+    core.realms._cache.clear()
+    email = await _user(client, realm)
+    refused = await password_grant(client, realm, email)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope"
+    assert (await password_grant(client, realm, email, scope="openid")).status_code == 200
+    assert t.sessions.c.scope.type.length == 1000  # what the limit protects
+
+
+async def test_the_admin_api_refuses_settings_that_are_not_an_object(client, core):
+    headers = {"Authorization": f"Bearer {await admin_token(client, core)}"}
+    for settings in ([], "x", 5, [1]):
+        response = await client.post("/admin/realms", headers=headers, json={
+            "name": f"bad-{uuid.uuid4().hex[:8]}", "settings": settings})
+        assert response.status_code == 400, settings

@@ -68,7 +68,9 @@ async def list_realms(request: Request, _: Principal = Depends(admin)) -> Respon
 async def create_realm(request: Request, _: Principal = Depends(admin)) -> Response:
     body = await read_body(request)
     name = string_field(body, "name", required=True, max_length=63)
-    settings = body.get("settings") or {}
+    settings = body.get("settings")
+    if settings is None:
+        settings = {}
     if not isinstance(settings, dict):
         raise BadRequest("settings must be an object.", field="settings")
     assert name is not None

@@ -79,7 +79,8 @@ async def token(request: Request) -> Response:
                                 max_length=core.settings.password_max_length)
         assert username is not None and password is not None
         # Refused before the password is checked; the realm's default when none is asked.
-        scope = scopes.grant(realm, string_field(form, "scope", max_length=1000))
+        scope = scopes.grant(realm, string_field(form, "scope",
+                                                 max_length=scopes.MAX_SCOPE_LENGTH))
         # A user with TOTP must send ``mfa_code`` too (a TOTP or a recovery code); without it
         # the answer is 401 ``mfa_required``, and the client repeats the grant with the code.
         signed_in = await core.signin.password(
@@ -94,7 +95,9 @@ async def token(request: Request) -> Response:
         raw = string_field(form, "refresh_token", required=True, max_length=512)
         assert raw is not None
         tokens = await core.sessions.refresh(realm, raw, client, client_id=client_id,
-                                             scope=string_field(form, "scope", max_length=1000))
+                                             scope=string_field(
+                                                 form, "scope",
+                                                 max_length=scopes.MAX_SCOPE_LENGTH))
         return token_response(tokens)
     raise AuthError(ErrorCode.INVALID_REQUEST,
                     f"Unsupported grant_type {(grant_type or '')[:40]!r}; supported: "

@@ -31,6 +31,8 @@ CLAIMS_OF_SCOPE: dict[str, frozenset[str]] = {
 # RFC 6749 §3.3: scope-token = 1*NQCHAR (printable ASCII but '"' and '\').
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]{1,100}")
 MAX_SCOPES = 100
+# The longest grant a session keeps (its column's length).
+MAX_SCOPE_LENGTH = 1000
 
 
 def normalise_scope(scope: str | None) -> str | None:
@@ -48,6 +50,9 @@ def grant(realm: Realm, requested: str | None) -> str:
     if scope is None:
         raise AuthError(ErrorCode.INVALID_SCOPE, "No scope was asked for and the realm has "
                         "no default scope.")
+    if len(scope) > MAX_SCOPE_LENGTH:
+        raise AuthError(ErrorCode.INVALID_SCOPE,
+                        f"A scope is at most {MAX_SCOPE_LENGTH} characters.")
     allowed = set(realm.setting("scopes"))
     refused = [token for token in scope.split(" ") if token not in allowed]
     if refused:
@@ -116,4 +121,6 @@ def check_setting(name: str, value: Any) -> list[str]:
     if not all(isinstance(token, str) and SCOPE_TOKEN.fullmatch(token) for token in tokens):
         return [f"{name}: a scope name is 1-100 printable ASCII characters, without spaces, "
                 "double quotes or backslashes."]
+    if name == "default_scope" and len(" ".join(dict.fromkeys(tokens))) > MAX_SCOPE_LENGTH:
+        return [f"default_scope is at most {MAX_SCOPE_LENGTH} characters."]
     return []
