@@ -368,6 +368,31 @@ def _pg_type(compiled: object, name: str) -> str:
     return bind.type.compile(dialect=postgresql.dialect())
 
 
+async def test_a_value_longer_than_its_column_is_bad_input_not_a_server_error(core: Core,
+                                                                              realm: Realm):
+    """PostgreSQL refuses a value longer than its column; the store says so as bad input
+    (``ValueTooLong``), which every surface answers 400. SQLite keeps it."""
+    from starlette.requests import Request as StarletteRequest
+
+    from authgate.api.errors import native
+    from authgate.core.ports import ValueTooLong
+
+    user = a_user(realm, email=f"{'x' * 400}@example.com")
+    if core.store.is_sqlite:
+        async with core.store.transaction(write=True) as tx:
+            await tx.users.add(user)
+    else:
+        with pytest.raises(ValueTooLong):
+            async with core.store.transaction(write=True) as tx:
+                await tx.users.add(user)
+        async with core.store.transaction() as tx:  # the store goes on working
+            assert await tx.users.get(user.id) is None
+    request = StarletteRequest({"type": "http", "method": "POST", "path": "/signup",
+                                "headers": [], "app": None})
+    answer = native.handle(request, ValueTooLong("a value longer than the database keeps"))
+    assert answer.status_code == 400 and b"too long" in answer.body
+
+
 async def test_concurrent_changes_to_a_realms_settings_all_stay(core: Core, realm: Realm):
     import asyncio
 

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, has_nul
-from authgate.core.ports import StoreUnavailable, UnstorableText
+from authgate.core.ports import StoreUnavailable, UnstorableText, ValueTooLong
 
 log = structlog.get_logger("authgate.http")
 
@@ -248,6 +248,10 @@ class Surface:
             return self.render_http(request, exc)
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             return self.render_bad_request(request, BadRequest("The request body is malformed."))
+        if isinstance(exc, ValueTooLong):
+            log.error("value too long for its column", path=request.url.path)  # a missing bound
+            return self.render_bad_request(request, BadRequest("A value in the request is too "
+                                                               "long."))
         if isinstance(exc, UnstorableText):
             return self.render_bad_request(request, BadRequest(NUL_REFUSED))
         if isinstance(exc, StoreUnavailable):

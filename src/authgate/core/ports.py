@@ -52,6 +52,11 @@ class UnstorableText(ValueError):
     bad input, wherever in a request it came from (a JWT header, a claim)."""
 
 
+class ValueTooLong(UnstorableText):
+    """A value longer than its column allows (PostgreSQL checks; SQLite keeps it): input a
+    surface or the core should have bounded, answered as bad input rather than a 500."""
+
+
 class RealmRepo(Protocol):
     async def add(self, realm: Realm) -> None: ...
     async def get(self, realm_id: str) -> Realm | None: ...

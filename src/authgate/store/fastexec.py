@@ -22,7 +22,7 @@ import orjson
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
-from authgate.core.ports import StoreUnavailable, UnstorableText
+from authgate.core.ports import StoreUnavailable, UnstorableText, ValueTooLong
 
 
 class Prebuilt:
@@ -206,6 +206,8 @@ async def run_asyncpg(connection: asyncpg.Connection, dialect: Dialect, statemen
         raise IntegrityError(compiled.sql, None, exc) from None
     except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError):
         raise UnstorableText("text with a character the database cannot keep") from None
+    except asyncpg.StringDataRightTruncationError:
+        raise ValueTooLong("a value longer than the database keeps") from None
     count = status.rsplit(" ", 1)[-1]
     return Result([], int(count) if count.isdigit() else 0)
 
