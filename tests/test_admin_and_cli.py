@@ -237,3 +237,33 @@ async def test_changing_a_membership_is_audited_with_what_it_was(core):
     assert len(updated) == 1
     assert updated[0].data["before"] == {"roles": ["user"], "status": "active"}
     assert (updated[0].data["roles"], updated[0].data["status"]) == (["owner"], "inactive")
+
+
+async def test_concurrent_additions_of_one_member_all_succeed(core):
+    """Eight requests adding the same user to an organisation at once: one makes the
+    membership, the others change it (on PostgreSQL the others had failed on its unique key,
+    a 500)."""
+    import asyncio
+
+    from authgate.core.users import NewUser
+
+    realm = await core.realms.create(f"race-{os.urandom(4).hex()}")
+    user = await core.users.create(realm, NewUser(email=unique_email(), password=PASSWORD))
+    org = await core.organisations.create(realm, "race")
+    results = await asyncio.gather(*(core.organisations.add_member(realm, org, user.id,
+                                                                   roles=["member"])
+                                     for _ in range(8)))
+    assert {membership.id for membership in results} == {results[0].id}
+    async with core.store.transaction() as tx:
+        created = await tx.audit.recent(realm.id, types=["membership.created"])
+    assert len(created) == 1
+
+
+async def test_an_offset_past_any_table_is_refused_not_a_server_error(client, core):
+    headers = {"Authorization": f"Bearer {await admin_token(client, core)}"}
+    for offset in (2 ** 63, 2 ** 64, 10 ** 30):
+        response = await client.get(f"/admin/realms/default/users?offset={offset}",
+                                    headers=headers)
+        assert response.status_code in (400, 422) and "offset" in response.text, response.text
+    assert (await client.get("/admin/realms/default/users?offset=5",
+                             headers=headers)).status_code == 200

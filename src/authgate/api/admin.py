@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from authgate.api.account import user_json
 from authgate.api.deps import get_admin, get_core
@@ -80,8 +80,13 @@ async def create_realm(request: Request, _: Principal = Depends(admin)) -> Respo
     return JSONResponse(realm_json(realm), status_code=201, headers=NO_STORE)
 
 
+# Past any table's size, and within the 64-bit integer both stores take (it overflowed them).
+MAX_OFFSET = 1_000_000_000
+
+
 @router.get("/realms/{realm_name}/users")
-async def list_users(realm_name: str, request: Request, limit: int = 100, offset: int = 0,
+async def list_users(realm_name: str, request: Request, limit: int = 100,
+                     offset: int = Query(0, le=MAX_OFFSET),
                      _: Principal = Depends(admin)) -> Response:
     core = get_core(request)
     realm = await core.realms.require(realm_name)

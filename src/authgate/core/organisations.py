@@ -130,22 +130,26 @@ class Organisations:
                           roles: list[str], status: str) -> Membership:
         now = self.core.now()
         existing = await tx.memberships.find(org.id, user_id)
-        if existing is not None:
-            before = {"roles": existing.roles, "status": existing.status}
-            existing.roles, existing.status, existing.updated_at = roles, status, now
-            await tx.memberships.update(existing)
-            if before != {"roles": roles, "status": status}:
-                await self.core.audit.record(tx, "membership.updated", realm_id=realm.id,
+        if existing is None:
+            membership = Membership(id=new_id(), realm_id=realm.id, organisation_id=org.id,
+                                    user_id=user_id, roles=roles, status=status,
+                                    created_at=now, updated_at=now)
+            if await tx.memberships.add_if_absent(membership):
+                await self.core.audit.record(tx, "membership.created", realm_id=realm.id,
                                              user_id=user_id, organisation_id=org.id,
-                                             before=before, roles=roles, status=status)
-            return existing
-        membership = Membership(id=new_id(), realm_id=realm.id, organisation_id=org.id,
-                                user_id=user_id, roles=roles, status=status,
-                                created_at=now, updated_at=now)
-        await tx.memberships.add(membership)
-        await self.core.audit.record(tx, "membership.created", realm_id=realm.id,
-                                     user_id=user_id, organisation_id=org.id, roles=roles)
-        return membership
+                                             roles=roles)
+                return membership
+            # Made by a request running at the same time: this one changes it.
+            existing = await tx.memberships.find(org.id, user_id)
+            assert existing is not None
+        before = {"roles": existing.roles, "status": existing.status}
+        existing.roles, existing.status, existing.updated_at = roles, status, now
+        await tx.memberships.update(existing)
+        if before != {"roles": roles, "status": status}:
+            await self.core.audit.record(tx, "membership.updated", realm_id=realm.id,
+                                         user_id=user_id, organisation_id=org.id,
+                                         before=before, roles=roles, status=status)
+        return existing
 
     async def membership(self, org: Organisation, user_id: str) -> Membership | None:
         async with self.core.store.transaction() as tx:

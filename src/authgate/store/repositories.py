@@ -351,6 +351,23 @@ class MembershipRepo(_Repo):
     async def add(self, membership: m.Membership) -> None:
         await self._insert(membership)
 
+    async def add_if_absent(self, membership: m.Membership) -> bool:
+        """Insert unless the user is already a member (then False): on PostgreSQL a membership
+        being made by another transaction is waited for, not a unique-key error."""
+        dialect = self.conn.dialect.name
+        values = _values(membership)
+
+        def build() -> Any:
+            upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+            return (upsert(t.memberships)
+                    .values({name: bindparam(name, type_=t.memberships.c[name].type)
+                             for name in values})
+                    .on_conflict_do_nothing(index_elements=["organisation_id", "user_id"])
+                    .returning(t.memberships.c.id))
+
+        statement = _statement(("membership_add_if_absent", dialect, tuple(values)), build)
+        return (await self.conn.execute(statement, values)).first() is not None
+
     async def get(self, membership_id: str) -> m.Membership | None:
         return await self._get(id=membership_id)
 
