@@ -348,9 +348,6 @@ class OrganisationRepo(_Repo):
 class MembershipRepo(_Repo):
     table, record = t.memberships, m.Membership
 
-    async def add(self, membership: m.Membership) -> None:
-        await self._insert(membership)
-
     async def add_if_absent(self, membership: m.Membership) -> bool:
         """Insert unless the user is already a member (then False): on PostgreSQL a membership
         being made by another transaction is waited for, not a unique-key error."""
