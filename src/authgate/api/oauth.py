@@ -60,6 +60,10 @@ def token_response(tokens: Tokens) -> Response:
     return JSONResponse(body, headers=NO_STORE)
 
 
+def _scope(form: dict[str, Any]) -> str | None:
+    return string_field(form, "scope", max_length=scopes.MAX_SCOPE_LENGTH)
+
+
 @router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-www-form-urlencoded": {"schema": TOKEN_REQUEST}}}})
@@ -79,8 +83,7 @@ async def token(request: Request) -> Response:
                                 max_length=core.settings.password_max_length)
         assert username is not None and password is not None
         # Refused before the password is checked; the realm's default when none is asked.
-        scope = scopes.grant(realm, string_field(form, "scope",
-                                                 max_length=scopes.MAX_SCOPE_LENGTH))
+        scope = scopes.grant(realm, _scope(form))
         # A user with TOTP must send ``mfa_code`` too (a TOTP or a recovery code); without it
         # the answer is 401 ``mfa_required``, and the client repeats the grant with the code.
         signed_in = await core.signin.password(
@@ -95,9 +98,7 @@ async def token(request: Request) -> Response:
         raw = string_field(form, "refresh_token", required=True, max_length=512)
         assert raw is not None
         tokens = await core.sessions.refresh(realm, raw, client, client_id=client_id,
-                                             scope=string_field(
-                                                 form, "scope",
-                                                 max_length=scopes.MAX_SCOPE_LENGTH))
+                                             scope=_scope(form))
         return token_response(tokens)
     raise AuthError(ErrorCode.INVALID_REQUEST,
                     f"Unsupported grant_type {(grant_type or '')[:40]!r}; supported: "

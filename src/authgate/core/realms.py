@@ -41,13 +41,7 @@ def check_settings(settings: dict[str, Any], *, changed: dict[str, Any] | None =
             problems.append(f"{name} must be true or false.")
         elif name == "audience" and not (isinstance(value, str) and len(value) <= 1000):
             problems.append("audience must be a string of at most 1000 characters.")
-        elif name in ("scopes", "default_scope"):
-            problems += scopes.check_setting(name, value)
-    if not problems:
-        granted = set(settings.get("scopes", REALM_DEFAULTS["scopes"]))
-        default = settings.get("default_scope", REALM_DEFAULTS["default_scope"]).split(" ")
-        if not set(default) - {""} <= granted:
-            problems.append("default_scope names scopes that scopes does not list.")
+    problems += scopes.check_settings(settings)
     if problems:
         raise AuthError(ErrorCode.INVALID_REQUEST, " ".join(problems))
 

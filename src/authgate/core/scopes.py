@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import Realm
+from authgate.core.models import REALM_DEFAULTS, Realm
 
 # OIDC Core §5.4; the claims Authgate keeps of each.
 CLAIMS_OF_SCOPE: dict[str, frozenset[str]] = {
@@ -103,9 +103,22 @@ def _shown_names(scope: str) -> frozenset[str] | None:
     return None if shown >= _EVERY_CLAIM else shown
 
 
-def check_setting(name: str, value: Any) -> list[str]:
-    """Problems with a realm's ``scopes`` (a list of scope tokens) or ``default_scope`` (a
-    space-separated string of them)."""
+def check_settings(settings: dict[str, Any]) -> list[str]:
+    """Problems with a realm's ``scopes`` (a list of scope names) and ``default_scope`` (a
+    space-separated string of them, all listed, at most ``MAX_SCOPE_LENGTH`` characters)."""
+    problems: list[str] = []
+    for name in ("scopes", "default_scope"):
+        if name in settings:
+            problems += _check_setting(name, settings[name])
+    if not problems:
+        listed = set(settings.get("scopes", REALM_DEFAULTS["scopes"]))
+        default = normalise_scope(settings.get("default_scope", REALM_DEFAULTS["default_scope"]))
+        if default is not None and not set(default.split(" ")) <= listed:
+            problems.append("default_scope names scopes that scopes does not list.")
+    return problems
+
+
+def _check_setting(name: str, value: Any) -> list[str]:
     tokens: Iterable[Any]
     if name == "scopes":
         if not isinstance(value, list):
@@ -121,6 +134,6 @@ def check_setting(name: str, value: Any) -> list[str]:
     if not all(isinstance(token, str) and SCOPE_TOKEN.fullmatch(token) for token in tokens):
         return [f"{name}: a scope name is 1-100 printable ASCII characters, without spaces, "
                 "double quotes or backslashes."]
-    if name == "default_scope" and len(" ".join(dict.fromkeys(tokens))) > MAX_SCOPE_LENGTH:
+    if name == "default_scope" and len(normalise_scope(value) or "") > MAX_SCOPE_LENGTH:
         return [f"default_scope is at most {MAX_SCOPE_LENGTH} characters."]
     return []

@@ -61,19 +61,16 @@ def address_block(ip: str) -> str:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv4Address):
+    if isinstance(address, ipaddress.IPv4Address) or address.is_loopback:
         return str(address)
     embedded = address.ipv4_mapped or address.sixtofour
     if embedded is None and address.teredo is not None:
         embedded = address.teredo[1]  # (server, client)
-    if embedded is None and address not in (ipaddress.IPv6Address("::"),
-                                            ipaddress.IPv6Address("::1")) and any(
+    if embedded is None and not address.is_unspecified and any(
             address in prefix for prefix in _IPV4_EMBEDDED):
         embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if embedded is not None:
         return str(embedded)
-    if address.is_loopback:
-        return str(address)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
