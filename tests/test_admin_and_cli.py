@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -267,3 +268,74 @@ async def test_an_offset_past_any_table_is_refused_not_a_server_error(client, co
         assert response.status_code in (400, 422) and "offset" in response.text, response.text
     assert (await client.get("/admin/realms/default/users?offset=5",
                              headers=headers)).status_code == 200
+
+
+def _serve(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "AUTHGATE_DATA_DIR": str(tmp_path), "AUTHGATE_PORT": str(port),
+           "AUTHGATE_ARGON2_MEMORY_KIB": "1024", "AUTHGATE_ARGON2_TIME_COST": "1",
+           "COLUMNS": "300", "PYTHONUNBUFFERED": "1"}
+    env.pop("AUTHGATE_CONFIG", None)
+    env.pop("AUTHGATE_DATABASE_URL", None)
+    return subprocess.Popen([sys.executable, "-m", "authgate", "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _until_url(server: subprocess.Popen) -> list[str]:
+    """The lines ``serve`` prints up to and including the one with its URL."""
+    assert server.stdout is not None
+    lines: list[str] = []
+    for line in server.stdout:
+        lines.append(line)
+        if "serving on" in line:
+            return lines
+    raise AssertionError("serve ended without printing its URL:\n" + "".join(lines))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_answers_the_moment_it_prints_its_url(tmp_path: Path, workers: str):
+    """A newcomer who runs ``make run`` and then requests the printed URL at once is answered,
+    not refused: the port listens before the URL is printed."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = _serve(tmp_path, port, "--workers", workers)
+    try:
+        printed = "".join(_until_url(server))
+        assert f"http://127.0.0.1:{port}" in printed
+        # At once: no retry, no wait for readiness.
+        answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        assert answer.status_code == 200
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # Stopped by SIGTERM, it shuts down cleanly (uvicorn then re-raises the signal).
+    assert server.returncode in (0, -signal.SIGTERM)
+
+
+def test_serve_prints_the_first_admin_once_and_stops_on_a_port_in_use(tmp_path: Path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    first = _serve(tmp_path, port)
+    try:
+        _until_url(first)
+        assert first.stdout is not None
+        admin_line = first.stdout.readline() + first.stdout.readline()
+        assert f"First admin created: username {ADMIN_USERNAME} password" in admin_line
+        # A second server on the same port cannot bind: it says so and stops, non-zero.
+        second = _serve(tmp_path, port)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode != 0
+        assert "serving on" not in out
+        assert "address already in use" in out.lower()
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    again = _serve(tmp_path, free_port())
+    try:
+        after_url = "".join(_until_url(again)) + (again.stdout.readline() if again.stdout else "")
+        assert "First admin created" not in after_url
+    finally:
+        again.terminate()
+        again.wait(timeout=30)

@@ -97,6 +97,13 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
     settings = settings_or_exit()
     configure_logging(settings)
     password = run(ensure_admin)
+    config = uvicorn.Config("authgate.asgi:app", host=settings.host, port=settings.port,
+                            workers=settings.workers, log_level=settings.log_level,
+                            access_log=False, proxy_headers=False, server_header=False)
+    # The socket listens before the URL is printed: a client that connects at once waits in
+    # the backlog until the app is ready, instead of being refused.
+    sock = config.bind_socket()  # a port in use: uvicorn logs it and exits
+    sock.listen(config.backlog)
     base = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold green]Authgate[/bold green] serving on [bold]{base}[/bold] "
                   f"(issuer {settings.issuer}, database {_safe_url(settings.database_url)})",
@@ -107,9 +114,18 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
         console.print(f"  First admin created: username [bold]{ADMIN_USERNAME}[/bold] password "
                       f"[bold]{password}[/bold]  (shown once; change it with "
                       f"`authgate user set-password {ADMIN_USERNAME}`)", soft_wrap=True)
-    uvicorn.run("authgate.asgi:app", host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=False,
-                proxy_headers=False, server_header=False)
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if config.workers == 1 and not server.started:
+        raise typer.Exit(3)  # the app failed to start; uvicorn logged why
 
 
 def _safe_url(url: str) -> str:
