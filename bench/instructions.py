@@ -75,11 +75,7 @@ def _requests(host: str, access: str, project: str) -> dict[str, Callable[[dict[
 def measure(store: str, requests: int, connections: int) -> dict[str, float]:
     """Instructions per request of each figure, counted in the server."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-instructions-{store}-"))
-    pg_name = None
-    if store == "sqlite":
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
-    else:
-        pg_name, database_url = asyncio.run(run.create_pg_database())
+    pg_name, database_url = run.new_database(store, data_dir)
     out = data_dir / "callgrind.out"
     server = run.Server(database_url, data_dir, 1, wrapper=(
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"))

@@ -198,15 +198,19 @@ async def drop_pg_database(name: str) -> None:
     await conn.close()
 
 
+def new_database(store: str, data_dir: Path) -> tuple[str | None, str]:
+    """An empty database for ``store``: (the PostgreSQL database's name to drop after, or
+    None for a SQLite file in ``data_dir``; its URL)."""
+    if store == "sqlite":
+        return None, f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
+    return asyncio.run(create_pg_database())
+
+
 def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
     """Every figure and its baseline, in ``args.rounds`` interleaved rounds: each round
     measures a baseline and its figure back to back, so each ratio compares like with like."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-bench-{store}-"))
-    pg_name = None
-    if store == "sqlite":
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
-    else:
-        pg_name, database_url = asyncio.run(create_pg_database())
+    pg_name, database_url = new_database(store, data_dir)
     server = Server(database_url, data_dir, args.workers)
     server.start()
     try:

@@ -71,11 +71,7 @@ def _prepare(server: run.Server, figure: str, seconds: int,
 
 def measure(store: str, figure: str, seconds: int) -> list[str]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"authgate-threads-{store}-"))
-    pg_name = None
-    if store == "sqlite":
-        database_url = f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}"
-    else:
-        pg_name, database_url = asyncio.run(run.create_pg_database())
+    pg_name, database_url = run.new_database(store, data_dir)
     server = run.Server(database_url, data_dir, 1)
     server.start()
     try:
