@@ -132,6 +132,78 @@ async def test_concurrent_attempts_lose_no_count(core: Core, realm: Realm):
     assert state is not None and state.pending == 12 and state.failures == 7
 
 
+async def test_a_counter_is_replaced_only_if_none_of_the_set_changed(core: Core, realm: Realm):
+    """The compare-and-set of the unlocked admission writes every counter or none."""
+    from dataclasses import replace
+
+    first = core.throttle.scoped_key("test", unique_email(), 10)
+    second = core.throttle.scoped_key("test", unique_email(), 10)
+    await core.throttle.attempt([first, second])  # both exist, pending 1
+    async with core.store.transaction() as tx:
+        read = await tx.throttle.read_many([first.key, second.key])
+    assert [state.pending for state in read] == [1, 1]
+    bumped = [replace(state, pending=5, failures=2) for state in read]
+    await core.throttle.attempt([second])  # the second changes meanwhile (pending 2)
+    async with core.store.transaction(write=True, single=True) as tx:
+        assert not await tx.throttle.replace_if_unchanged(read, bumped)
+    async with core.store.transaction() as tx:
+        now = await tx.throttle.read_many([first.key, second.key])
+    assert [(state.pending, state.failures) for state in now] == [(1, 0), (2, 0)]
+    async with core.store.transaction(write=True, single=True) as tx:  # now as read
+        assert await tx.throttle.replace_if_unchanged(now, [replace(state, pending=4)
+                                                            for state in now])
+    async with core.store.transaction() as tx:
+        states = await tx.throttle.read_many([second.key, "absent", first.key])
+    assert [state.pending if state else None for state in states] == [4, None, 4]
+
+
+@pytest.mark.parametrize("change", ["attempt", "spend"])
+async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, change: str):
+    """Where the store's statements are round trips the admission reads the counters without
+    a lock and writes its decision only if they did not change; a change between the two
+    (another node's attempt or failure) sends it to the locking path, and nothing is lost or
+    counted twice. Made to run on both stores."""
+    from authgate.store.repositories import ThrottleRepo
+
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    await core.throttle.attempt([key])  # the counter exists: the unlocked path applies
+    read_many = ThrottleRepo.read_many
+    interfered = []
+
+    async def read_then_change(self: ThrottleRepo, keys: list[str]) -> list:
+        found = await read_many(self, keys)
+        if not interfered:  # once: the locking path's own read is not disturbed
+            interfered.append(True)
+            await (core.throttle.spend([key]) if change == "spend"
+                   else core.throttle.attempt([key]))
+        return found
+
+    monkeypatch.setattr(ThrottleRepo, "read_many", read_then_change)
+    await core.throttle.attempt([key])
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert interfered
+    pending = 3 if change == "attempt" else 2
+    assert (state.pending, state.failures) == (pending, 1 if change == "spend" else 0)
+
+
+async def test_an_unlocked_admission_refuses_without_writing(strict: Core, realm: Realm,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """A blocked key is refused on what the unlocked read shows; nothing is counted."""
+    monkeypatch.setattr(strict.store, "round_trips", True)
+    key = strict.throttle.scoped_key("test", unique_email(), 1)
+    await strict.throttle.spend([key])  # one failure on a key that allows one: blocked
+    async with strict.store.transaction() as tx:
+        before = await tx.throttle.get(key.key)
+    with pytest.raises(AuthError) as refused:
+        await strict.throttle.attempt([key])
+    assert refused.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    async with strict.store.transaction() as tx:
+        assert await tx.throttle.get(key.key) == before
+
+
 async def test_concurrent_successes_and_failures_lose_no_count(core: Core, realm: Realm):
     """A success takes its attempt back in one statement, without the lock the others take
     first: none of the changes made at the same time is lost."""

@@ -371,6 +371,7 @@ class SqlStore:
         }
         self.dialect = engine.dialect
         self.is_sqlite = engine.dialect.name == "sqlite"
+        self.round_trips = not self.is_sqlite
         self._pool_size = pool_size
         self._sqlite: SqliteConnections | None = None
         if self.is_sqlite and not _is_memory(str(engine.url)):

@@ -888,6 +888,54 @@ class ThrottleRepo(_Repo):
         states = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
         return [states[key] for key in keys]
 
+    async def read_many(self, keys: Sequence[str]) -> list[m.ThrottleState | None]:
+        """The counters of ``keys`` as they are now (None where absent), without a lock."""
+        table = t.throttle_counters
+        statement = _statement(("throttle_read", len(keys)), lambda: select(table).where(
+            table.c.key.in_([bindparam(f"k{i}") for i in range(len(keys))])))
+        rows = await self.conn.execute(statement, {f"k{i}": key for i, key in enumerate(keys)})
+        found = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+        return [found.get(key) for key in keys]
+
+    async def replace_if_unchanged(self, expected: Sequence[m.ThrottleState],
+                                   new: Sequence[m.ThrottleState]) -> bool:
+        """Write ``new`` over the counters of the same keys if every one of them is still as
+        ``expected`` (compare-and-set), all or none, in one statement that is atomic by itself:
+        the rows are locked in key order first, as ``lock_many`` and ``settle`` lock them, and
+        a row changed meanwhile is not counted as locked (PostgreSQL checks the row's latest
+        version), so that nothing is written. Returns whether it was written."""
+        pairs = sorted(zip(expected, new), key=lambda pair: pair[0].key)
+        if any(old.key != state.key for old, state in pairs):
+            raise ValueError("expected and new counters must name the same keys")
+        table = t.throttle_counters
+        names = [c.name for c in table.c if c.name != "key"]
+
+        def build() -> Any:
+            c = table.c
+            unchanged = or_(*(and_(c.key == bindparam(f"k{i}"), *(
+                c[name].is_not_distinct_from(bindparam(f"e_{name}{i}", type_=c[name].type))
+                for name in names)) for i in range(len(pairs))))
+            locked = (select(c.key).where(unchanged).order_by(c.key).with_for_update()
+                      .cte("locked"))
+            all_locked = select(func.count()).select_from(locked).scalar_subquery() == len(pairs)
+            return (update(table)
+                    .where(c.key.in_([bindparam(f"k{i}") for i in range(len(pairs))]),
+                           all_locked)
+                    .values({name: case(*((c.key == bindparam(f"k{i}"),
+                                           bindparam(f"n_{name}{i}", type_=c[name].type))
+                                          for i in range(len(pairs))))
+                             for name in names})
+                    .returning(c.key))  # sqlite3 counts no rows for a statement led by WITH
+
+        statement = _statement(("throttle_replace", len(pairs)), build)
+        params: dict[str, Any] = {}
+        for i, (old, state) in enumerate(pairs):
+            params[f"k{i}"] = old.key
+            for name in names:
+                params[f"e_{name}{i}"] = getattr(old, name)
+                params[f"n_{name}{i}"] = getattr(state, name)
+        return len(list(await self.conn.execute(statement, params))) == len(pairs)
+
     async def save(self, *states: m.ThrottleState) -> None:
         """Write counters back (an upsert: the rows exist once locked, but a counter may be
         saved without being locked first)."""
