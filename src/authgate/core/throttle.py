@@ -129,12 +129,13 @@ class Throttle:
 
     async def _admitted_unlocked(self, keys: list[ThrottleKey], now: datetime) -> bool:
         """The common case without a locking transaction, for a store whose statements are
-        round trips (two statements in autocommit instead of BEGIN, two and COMMIT): the
-        counters are read, the attempt decided on what was read, and the decision written only
-        if no counter changed meanwhile (compare-and-set), so it is the decision the locking
-        path would have made. A refusal writes nothing, so it needs no lock. False, with
-        nothing written, when a counter does not exist yet or changed: the locking path
-        decides then. (On SQLite the locking transaction is cheaper than the extra read.)"""
+        round trips: two statements in autocommit, where the locking write takes four (BEGIN,
+        two statements, COMMIT). The counters are read, the attempt decided on what was read,
+        and the decision written only if no counter changed meanwhile (compare-and-set), so it
+        is the decision the locking path would have made. A refusal writes nothing, so it needs
+        no lock. False, with nothing written, when a counter does not exist yet or changed: the
+        locking path decides then. (On SQLite the locking write is cheaper than the extra
+        read.)"""
         async with self.core.store.transaction() as tx:
             found = await tx.throttle.read_many([key.key for key in keys])
         states = [state for state in found if state is not None]

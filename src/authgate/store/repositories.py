@@ -904,7 +904,7 @@ class ThrottleRepo(_Repo):
         the rows are locked in key order first, as ``lock_many`` and ``settle`` lock them, and
         a row changed meanwhile is not counted as locked (PostgreSQL checks the row's latest
         version), so that nothing is written. Returns whether it was written."""
-        pairs = sorted(zip(expected, new), key=lambda pair: pair[0].key)
+        pairs = sorted(zip(expected, new, strict=True), key=lambda pair: pair[0].key)
         if any(old.key != state.key for old, state in pairs):
             raise ValueError("expected and new counters must name the same keys")
         table = t.throttle_counters
