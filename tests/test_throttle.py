@@ -192,16 +192,83 @@ async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_ag
 async def test_an_unlocked_admission_refuses_without_writing(strict: Core, realm: Realm,
                                                              monkeypatch: pytest.MonkeyPatch):
     """A blocked key is refused on what the unlocked read shows; nothing is counted."""
+    from authgate.store.repositories import ThrottleRepo
+
     monkeypatch.setattr(strict.store, "round_trips", True)
     key = strict.throttle.scoped_key("test", unique_email(), 1)
     await strict.throttle.spend([key])  # one failure on a key that allows one: blocked
     async with strict.store.transaction() as tx:
         before = await tx.throttle.get(key.key)
+
+    async def no_lock(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the locking path ran")
+
+    monkeypatch.setattr(ThrottleRepo, "lock_many", no_lock)
     with pytest.raises(AuthError) as refused:
         await strict.throttle.attempt([key])
     assert refused.value.code is ErrorCode.TOO_MANY_ATTEMPTS
     async with strict.store.transaction() as tx:
         assert await tx.throttle.get(key.key) == before
+
+
+async def test_postgresql_admits_by_compare_and_set_and_sqlite_by_its_locking_write(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """An attempt on counters that exist takes no lock where statements are round trips."""
+    from authgate.store.repositories import ThrottleRepo
+
+    key = core.throttle.scoped_key("test", unique_email(), 10)
+    await core.throttle.attempt([key])  # makes the counter
+    lock_many, locked = ThrottleRepo.lock_many, []
+
+    async def counted(self: ThrottleRepo, *args: object, **kwargs: object) -> object:
+        locked.append(True)
+        return await lock_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThrottleRepo, "lock_many", counted)
+    await core.throttle.attempt([key])
+    assert bool(locked) is (core.settings.database_url.startswith("sqlite"))
+    async with core.store.transaction() as tx:
+        assert (await tx.throttle.get(key.key)).pending == 2
+
+
+async def test_attempts_resolved_at_random_at_once_keep_every_count(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Attempts on a login id and a shared address, admitted while others fail, succeed or
+    end otherwise: every pending attempt is taken back, every failure counted once. The
+    unlocked admission runs on both stores."""
+    import asyncio
+    import random
+
+    monkeypatch.setattr(core.store, "round_trips", True)
+    owner = core.throttle.scoped_key("test", unique_email(), 100_000)
+    shared = core.throttle.scoped_key("test", unique_email(), 100_000)
+    failures = 0
+
+    async def one(seed: int) -> None:
+        nonlocal failures
+        chance = random.Random(seed)
+        await asyncio.sleep(chance.random() * 0.05)
+        try:
+            async with core.throttle.attempting([owner, shared]) as attempt:
+                await asyncio.sleep(chance.random() * 0.005)
+                ending = chance.random()
+                if ending < 0.45:
+                    async with core.store.transaction(write=True) as tx:
+                        await attempt.failed(tx)
+                    failures += 1
+                elif ending < 0.9:
+                    async with core.store.transaction(write=True, single=True) as tx:
+                        await attempt.succeeded(tx)
+                else:
+                    raise LookupError("the check broke")  # released
+        except LookupError:
+            pass
+
+    await asyncio.gather(*(one(seed) for seed in range(80)))
+    async with core.store.transaction() as tx:
+        mine, theirs = await tx.throttle.get(owner.key), await tx.throttle.get(shared.key)
+    assert (mine.pending, theirs.pending) == (0, 0)
+    assert theirs.failures == failures  # an address keeps its failures
 
 
 async def test_concurrent_successes_and_failures_lose_no_count(core: Core, realm: Realm):
@@ -484,3 +551,97 @@ async def test_one_address_cannot_create_guests_without_limit(strict: Core, real
     assert raised.value.code is ErrorCode.TOO_MANY_ATTEMPTS
     assert (await strict.org_access.guest(realm, org.id, client=there)).user.is_anonymous
     assert len(await strict.organisations.members(org)) == 4
+
+
+async def test_a_compare_and_set_that_waits_for_a_change_writes_nothing(tmp_path):
+    """PostgreSQL: a counter that another transaction holds and changes while the
+    compare-and-set waits for it is checked again at its latest version, for either of the
+    two keys; nothing is written over the change."""
+    import asyncio
+    from dataclasses import replace
+
+    import asyncpg
+
+    from authgate.api.app import build_core
+    from tests.conftest import new_database, test_settings
+
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(test_settings(url, tmp_path))
+        raw = await asyncpg.connect(url.replace("+asyncpg", ""))
+        try:
+            for changed in (0, 1):  # the first key in key order, then the second
+                keys = [core.throttle.scoped_key("test", unique_email(), 9) for _ in range(2)]
+                await core.throttle.attempt(keys)
+                names = sorted(key.key for key in keys)
+                async with core.store.transaction() as tx:
+                    read = await tx.throttle.read_many(names)
+                holder = raw.transaction()
+                await holder.start()
+                await raw.execute("UPDATE throttle_counters SET failures = failures + 1 "
+                                  "WHERE key = $1", names[changed])
+
+                async def compare_and_set() -> bool:
+                    async with core.store.transaction(write=True, single=True) as tx:
+                        return await tx.throttle.replace_if_unchanged(
+                            read, [replace(state, pending=7) for state in read])
+
+                waiting = asyncio.create_task(compare_and_set())
+                await asyncio.sleep(0.3)
+                assert not waiting.done()  # it waits for the row
+                await holder.commit()
+                assert await asyncio.wait_for(waiting, 10) is False
+                rows = await raw.fetch("SELECT pending, failures FROM throttle_counters "
+                                       "WHERE key = ANY($1) ORDER BY key", names)
+                assert [tuple(row) for row in rows] == [
+                    (1, 1 if changed == i else 0) for i in range(2)]
+        finally:
+            await raw.close()
+            await core.close()
+
+
+async def test_housekeeping_and_admissions_at_once_never_deadlock(tmp_path):
+    """PostgreSQL: housekeeping's delete of idle counters locks them in key order, as every
+    throttle write does, and skips the ones a sign-in holds; in scan order it deadlocked with
+    an admission locking the same two counters."""
+    import asyncio
+
+    import asyncpg
+
+    from authgate.api.app import build_core
+    from tests.conftest import new_database, test_settings
+
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(test_settings(url, tmp_path))
+        raw = await asyncpg.connect(url.replace("+asyncpg", ""))
+        try:
+            for unlocked in (True, False):  # the compare-and-set, then the locking write
+                core.store.round_trips = unlocked
+                first, second = sorted((core.throttle.scoped_key("test", unique_email(), 9)
+                                        for _ in range(2)), key=lambda key: key.key)
+                for key in (second, first):  # the second stored first: a scan meets it first
+                    async with core.store.transaction(write=True) as tx:
+                        await tx.throttle.lock_many([key.key], core.now())
+                await raw.execute("UPDATE throttle_counters SET window_started_at = now() - "
+                                  "interval '2 days' WHERE key = ANY($1)",
+                                  [first.key, second.key])
+                holder = raw.transaction()
+                await holder.start()
+                await raw.execute("SELECT 1 FROM throttle_counters WHERE key = $1 FOR UPDATE",
+                                  second.key)
+
+                async def purge() -> dict[str, int]:
+                    async with core.store.transaction(write=True) as tx:
+                        return await tx.housekeeping.purge(core.now(), core.now(),
+                                                           core.settings.throttle_window)
+
+                purging = asyncio.create_task(purge())
+                await asyncio.sleep(0.3)
+                admitting = asyncio.create_task(core.throttle.attempt([first, second]))
+                await asyncio.sleep(0.3)
+                await holder.commit()
+                results = await asyncio.gather(purging, admitting, return_exceptions=True)
+                assert not [r for r in results if isinstance(r, BaseException)], results
+        finally:
+            core.store.round_trips = True
+            await raw.close()
+            await core.close()

@@ -5,16 +5,15 @@ After a key's free attempts, each further failure blocks it for ``base * 2**(n -
 up to ``max``. A blocked key answers TOO_MANY_ATTEMPTS with the seconds to wait, and does no
 password work. Counters live in the shared store, so every node agrees.
 
-An attempt is admitted *before* the work it guards (``attempt``), in one write that locks the
-counters, and stays pending until it ``failed`` or ``succeeded``: a key admits only as many
+An attempt is admitted *before* the work it guards (``attempt``), by a write that locks the
+counters (or, where statements are round trips, by compare-and-set: see ``_admitted_unlocked``),
+and stays pending until it ``failed`` or ``succeeded``: a key admits only as many
 attempts at once as it has free attempts left (one at a time once they are spent), so guesses
 sent together cannot all pass a check that none of them has been counted in. Attempts over the
 allowance are refused for a second, without a block: they were not failures. A success clears
 the login id's failures; a shared address only loses the pending attempt (one statement, the
 store's ``settle``: a sign-in pays for one round trip there, not a locking transaction). A
-pending attempt whose process died lapses after ``PENDING_LEASE``. Where statements are round
-trips (PostgreSQL), an attempt on existing counters is first admitted by compare-and-set
-instead of the locking write (``_admitted_unlocked``): the same rules decide, on what was read.
+pending attempt whose process died lapses after ``PENDING_LEASE``.
 
 An address is counted by its block (``address_block``: an IPv6 address by its /64).
 A login id's owner signing in from a device it has used before is counted under a key of that

@@ -934,7 +934,10 @@ class ThrottleRepo(_Repo):
             for name in names:
                 params[f"e_{name}{i}"] = getattr(old, name)
                 params[f"n_{name}{i}"] = getattr(state, name)
-        return len(list(await self.conn.execute(statement, params))) == len(pairs)
+        written = len(list(await self.conn.execute(statement, params)))
+        if written not in (0, len(pairs)):  # the statement writes all or none: never partly
+            raise RuntimeError("throttle counters replaced in part")
+        return written == len(pairs)
 
     async def save(self, *states: m.ThrottleState) -> None:
         """Write counters back (an upsert: the rows exist once locked, but a counter may be
@@ -1031,11 +1034,15 @@ class HousekeepingRepo:
         }
         stale = now - timedelta(seconds=throttle_window)
         c = t.throttle_counters.c
-        counts["throttle_counters"] = await self._delete(
-            t.throttle_counters, c.window_started_at < stale,
+        # Locked in key order first, as every throttle write locks them (a DELETE locks in
+        # scan order: it deadlocked with sign-ins), skipping what a sign-in holds now.
+        idle = (select(c.key).where(
+            c.window_started_at < stale,
             or_(c.blocked_until.is_(None), c.blocked_until < now),
             # Not while an attempt is in flight (its lease not lapsed): it would be forgotten.
             or_(c.pending == 0, c.pending_until.is_(None), c.pending_until <= now))
+            .order_by(c.key).with_for_update(skip_locked=True))
+        counts["throttle_counters"] = await self._delete(t.throttle_counters, c.key.in_(idle))
         return counts
 
 
