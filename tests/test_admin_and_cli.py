@@ -270,8 +270,9 @@ async def test_an_offset_past_any_table_is_refused_not_a_server_error(client, co
                              headers=headers)).status_code == 200
 
 
-def _serve(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
+def _serve(tmp_path: Path, port: int, *args: str, host: str = "127.0.0.1") -> subprocess.Popen:
     env = {**os.environ, "AUTHGATE_DATA_DIR": str(tmp_path), "AUTHGATE_PORT": str(port),
+           "AUTHGATE_HOST": host,
            "AUTHGATE_ARGON2_MEMORY_KIB": "1024", "AUTHGATE_ARGON2_TIME_COST": "1",
            "COLUMNS": "300", "PYTHONUNBUFFERED": "1"}
     env.pop("AUTHGATE_CONFIG", None)
@@ -311,6 +312,28 @@ def test_serve_answers_the_moment_it_prints_its_url(tmp_path: Path, workers: str
         server.wait(timeout=30)
     # Stopped by SIGTERM, it shuts down cleanly (uvicorn then re-raises the signal).
     assert server.returncode in (0, -signal.SIGTERM)
+
+
+def test_an_ipv6_address_makes_a_bracketed_issuer_and_url(tmp_path: Path):
+    """The issuer derived from an IPv6 listening address is a URL (RFC 3986: the address in
+    brackets), and so is the URL ``serve`` prints; that URL answers at once."""
+    import socket
+
+    settings = load_settings(host="::1", port=8443, data_dir=tmp_path / "d")
+    assert settings.issuer == "http://[::1]:8443" == settings.public_url
+    assert load_settings(host="localhost", data_dir=tmp_path / "d").issuer == \
+        "http://localhost:8000"
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    server = _serve(tmp_path, port, host="::1")
+    try:
+        printed = "".join(_until_url(server))
+        assert f"serving on http://[::1]:{port}" in printed
+        assert httpx.get(f"http://[::1]:{port}/healthz", timeout=60).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_serve_prints_the_first_admin_once_and_stops_on_a_port_in_use(tmp_path: Path):

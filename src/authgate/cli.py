@@ -104,7 +104,7 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
     # the backlog until the app is ready, instead of being refused.
     sock = config.bind_socket()  # a port in use: uvicorn logs it and exits
     sock.listen(config.backlog)
-    base = f"http://{settings.host}:{settings.port}"
+    base = settings.listen_url
     console.print(f"[bold green]Authgate[/bold green] serving on [bold]{base}[/bold] "
                   f"(issuer {settings.issuer}, database {_safe_url(settings.database_url)})",
                   soft_wrap=True)

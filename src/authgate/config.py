@@ -162,10 +162,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @property
+    def listen_url(self) -> str:
+        """The URL the server listens on, an IPv6 address in brackets (RFC 3986)."""
+        try:
+            bracketed = ipaddress.ip_address(self.host).version == 6
+        except ValueError:  # a host name
+            bracketed = False
+        host = f"[{self.host}]" if bracketed else self.host
+        return f"http://{host}:{self.port}"
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if not self.issuer:
-            self.issuer = f"http://{self.host}:{self.port}"
+            self.issuer = self.listen_url
         if not self.public_url:
             self.public_url = self.issuer
         if not self.database_url:
