@@ -173,6 +173,27 @@ def test_the_cli_administers_realms_users_keys_and_events(tmp_path: Path):
     assert broken.returncode == 2 and "AUTHGATE_PORT" in broken.stderr
 
 
+def test_identifiers_are_printed_whole_in_a_narrow_terminal(tmp_path: Path):
+    """A realm's project id (what a Descope client is configured with) and a user's id are
+    copied from these tables: at 80 columns the other columns wrap, the ids are not cut."""
+    made = cli(tmp_path, "realm", "create", "a-realm-with-a-rather-long-name")
+    project_id = made.stdout.split("project id ")[1].rstrip().rstrip(")")
+    cli(tmp_path, "user", "create", "someone.with.a.long.address@example.com", "-r",
+        "a-realm-with-a-rather-long-name", "--password", PASSWORD)
+    env = {**os.environ, "AUTHGATE_DATA_DIR": str(tmp_path), "COLUMNS": "80"}
+    env.pop("AUTHGATE_CONFIG", None)
+
+    def narrow(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "authgate", *args], env=env,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    assert project_id in narrow("realm", "list")
+    users = narrow("user", "list", "-r", "a-realm-with-a-rather-long-name")
+    user_id = json.loads(cli(tmp_path, "events", "-r", "a-realm-with-a-rather-long-name",
+                             "--json").stdout.splitlines()[0])["user_id"]
+    assert user_id in users
+
+
 def test_a_configuration_file_that_is_missing_stops_the_start(tmp_path, monkeypatch):
     from authgate.config import ConfigError, load_settings
 
@@ -346,6 +367,8 @@ def test_serve_prints_the_first_admin_once_and_stops_on_a_port_in_use(tmp_path: 
         assert first.stdout is not None
         admin_line = first.stdout.readline() + first.stdout.readline()
         assert f"First admin created: username {ADMIN_USERNAME} password" in admin_line
+        # The command to change it, as this server was started (not on the PATH).
+        assert f"`python -m authgate user set-password {ADMIN_USERNAME}`" in admin_line
         # A second server on the same port cannot bind: it says so and stops, non-zero.
         second = _serve(tmp_path, port)
         out, _ = second.communicate(timeout=60)

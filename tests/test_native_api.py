@@ -133,6 +133,21 @@ async def test_sign_out_ends_the_session_for_access_and_refresh_tokens(client, r
         "session_revoked"
 
 
+async def test_discovery_names_only_endpoints_that_serve_what_it_says(client, realm):
+    """No end_session_endpoint: OpenID Connect clients send the browser there with GET and an
+    id_token_hint (RP-Initiated Logout), which /signout does not serve; the OpenAPI
+    document says what /signout answers."""
+    discovery = (await client.get(realm_url(realm, "/.well-known/openid-configuration"))).json()
+    assert "end_session_endpoint" not in discovery
+    for name in ("token_endpoint", "userinfo_endpoint", "jwks_uri", "revocation_endpoint",
+                 "introspection_endpoint"):
+        path = discovery[name].removeprefix(discovery["issuer"])
+        assert (await client.options(realm_url(realm, path))).status_code != 404, name
+    document = (await client.get("/openapi.json")).json()
+    assert set(document["paths"]["/signout"]["post"]["responses"]) >= {"204"}
+    assert "200" not in document["paths"]["/signout"]["post"]["responses"]
+
+
 async def test_sign_out_everywhere_and_revoking_one_of_my_sessions(client, realm):
     email, first = await signed_in(client, realm)
     second = (await password_grant(client, realm, email)).json()

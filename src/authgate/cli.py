@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from authgate.config import ConfigError, Settings, load_settings
 from authgate.core.errors import AuthError
@@ -35,6 +35,12 @@ app.add_typer(apikey_app, name="apikey")
 
 console = Console()
 err = Console(stderr=True)
+
+
+def whole(header: str, values: list[str]) -> Column:
+    """A column of identifiers to copy: never cut short, however narrow the terminal (the
+    other columns wrap instead)."""
+    return Column(header, no_wrap=True, min_width=max((len(v) for v in values), default=0))
 T = TypeVar("T")
 
 RealmOption = typer.Option("default", "--realm", "-r", help="The realm's name.")
@@ -113,7 +119,7 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
     if password:
         console.print(f"  First admin created: username [bold]{ADMIN_USERNAME}[/bold] password "
                       f"[bold]{password}[/bold]  (shown once; change it with "
-                      f"`authgate user set-password {ADMIN_USERNAME}`)", soft_wrap=True)
+                      f"`{_program()} user set-password {ADMIN_USERNAME}`)", soft_wrap=True)
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
@@ -126,6 +132,15 @@ def serve(host: str = typer.Option(None, help="Address to bind (AUTHGATE_HOST)."
         pass
     if config.workers == 1 and not server.started:
         raise typer.Exit(3)  # the app failed to start; uvicorn logged why
+
+
+def _program() -> str:
+    """This command as it was run (``make run`` runs ``.venv/bin/authgate``, which is not on
+    the PATH), for the commands a message tells the user to run."""
+    if os.path.basename(sys.argv[0]) != "authgate":
+        return "python -m authgate"
+    path = os.path.relpath(sys.argv[0])
+    return path if not path.startswith("..") else sys.argv[0]
 
 
 def _safe_url(url: str) -> str:
@@ -161,7 +176,8 @@ def realm_create(name: str, display_name: str = typer.Option(None, help="A displ
 @realm_app.command("list")
 def realm_list() -> None:
     realms = run(lambda core: core.realms.list())
-    table = Table("name", "display name", "project id", "created")
+    table = Table("name", "display name", whole("project id", [r.project_id for r in realms]),
+                  "created")
     for realm in realms:
         table.add_row(realm.name, realm.display_name, realm.project_id,
                       realm.created_at.isoformat(timespec="seconds"))
@@ -194,7 +210,8 @@ def user_create(
 @user_app.command("list")
 def user_list(realm: str = RealmOption, limit: int = typer.Option(100, min=1, max=10_000)) -> None:
     found = run_in(realm, lambda core, target: core.users.list(target, limit=limit))
-    table = Table("id", "email", "username", "status", "roles", "created")
+    table = Table(whole("id", [u.id for u in found]), "email", "username", "status", "roles",
+                  "created")
     for user in found:
         table.add_row(user.id, user.email or "", user.username or "", user.status,
                       ",".join(user.roles), user.created_at.isoformat(timespec="seconds"))
@@ -289,7 +306,8 @@ def keys_rotate(realm: str = RealmOption,
 @keys_app.command("list")
 def keys_list(realm: str = RealmOption) -> None:
     found = run_in(realm, lambda core, target: core.keys.list(target))
-    table = Table("kid", "alg", "status", "created", "published until")
+    table = Table(whole("kid", [k.kid for k in found]), "alg", "status", "created",
+                  "published until")
     for key in found:
         table.add_row(key.kid, key.alg, key.status, key.created_at.isoformat(timespec="seconds"),
                       key.publish_until.isoformat(timespec="seconds") if key.publish_until
@@ -326,7 +344,8 @@ def org_create(name: str, realm: str = RealmOption,
 @org_app.command("list")
 def org_list(realm: str = RealmOption) -> None:
     found = run_in(realm, lambda core, target: core.organisations.list(target))
-    table = Table("id", "name", "display name", "active", "suspended", "has secret")
+    table = Table(whole("id", [o.id for o in found]), "name", "display name", "active",
+                  "suspended", "has secret")
     for org in found:
         table.add_row(org.id, org.name, org.display_name, str(org.is_active),
                       str(org.is_suspended), str(org.secret_enc is not None))
@@ -357,8 +376,10 @@ def device_list(login_id: str = typer.Argument(..., help="The user's e-mail or u
         user = await _user_or_exit(core, target, login_id)
         return await core.devices.list_for_user(target, user.id, include_revoked=all_devices)
 
-    table = Table("id", "name", "device key", "created", "last seen", "revoked")
-    for device in run(work):
+    devices = run(work)
+    table = Table(whole("id", [d.id for d in devices]), "name", "device key", "created",
+                  "last seen", "revoked")
+    for device in devices:
         table.add_row(device.id, device.name or "", device.device_key,
                       device.created_at.isoformat(timespec="seconds"),
                       device.last_seen_at.isoformat(timespec="seconds"),
@@ -396,7 +417,8 @@ def apikey_create(name: str = typer.Argument(..., help="What the key is for."),
 @apikey_app.command("list")
 def apikey_list(realm: str = RealmOption) -> None:
     found = run_in(realm, lambda core, target: core.api_keys.list(target))
-    table = Table("id", "prefix", "name", "organisation", "created", "last used", "revoked")
+    table = Table(whole("id", [k.id for k in found]), "prefix", "name", "organisation",
+                  "created", "last used", "revoked")
     for key in found:
         table.add_row(key.id, key.prefix, key.name, key.organisation_id or "",
                       key.created_at.isoformat(timespec="seconds"),

@@ -68,7 +68,8 @@ async def signup(request: Request, realm: Realm = Depends(get_realm)) -> Respons
     return JSONResponse(user_json(user), status_code=201, headers=NO_STORE)
 
 
-@router.post("/signout", summary="End this session")
+@router.post("/signout", summary="End this session", status_code=204,
+             responses={204: {"description": "The session has ended."}})
 async def signout(request: Request, principal: Principal = Depends(get_principal)) -> Response:
     await get_core(request).sessions.revoke(principal.realm, principal.session.id,
                                             client=client_info(request))

@@ -37,6 +37,8 @@ async def discovery(request: Request, realm: Realm = Depends(get_realm)) -> Resp
     core = get_core(request)
     issuer = core.realms.issuer(realm)
     algs = sorted({key.alg for key in await core.keys.list(realm)} | {core.settings.signing_alg})
+    # No end_session_endpoint: that is RP-Initiated Logout's browser redirect (GET with an
+    # id_token_hint), which is not served; POST /signout ends the bearer's session.
     return JSONResponse({
         "issuer": issuer,
         "token_endpoint": f"{issuer}/oauth/token",
@@ -44,7 +46,6 @@ async def discovery(request: Request, realm: Realm = Depends(get_realm)) -> Resp
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "revocation_endpoint": f"{issuer}/oauth/revoke",
         "introspection_endpoint": f"{issuer}/oauth/introspect",
-        "end_session_endpoint": f"{issuer}/signout",
         "grant_types_supported": ["password", "refresh_token"],
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
