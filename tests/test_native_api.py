@@ -388,6 +388,27 @@ async def test_the_openapi_document_names_the_realm_and_the_token_request(client
     assert {"username", "password", "refresh_token", "scope"} <= set(schema["properties"])
 
 
+async def test_the_openapi_document_says_which_operations_take_a_bearer(client):
+    """/docs can then authorise the calls that need an access token; the dialects keep their
+    own credentials."""
+    document = (await client.get("/openapi.json")).json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    paths = document["paths"]
+
+    def secured(path: str, method: str) -> bool:
+        return paths[path][method].get("security") == [{"bearer": []}]
+
+    for path, method in (("/userinfo", "get"), ("/realms/{realm}/userinfo", "get"),
+                         ("/signout", "post"), ("/sessions", "get"), ("/me", "get"),
+                         ("/oauth/introspect", "post"), ("/admin/realms", "post"),
+                         ("/admin/realms/{realm_name}/users", "get")):
+        assert secured(path, method), (path, method)
+    for path, method in (("/oauth/token", "post"), ("/signup", "post"),
+                         ("/.well-known/jwks.json", "get"), ("/healthz", "get"),
+                         ("/descope/v1/auth/me", "get"), ("/tiledesk/auth/signin", "post")):
+        assert not secured(path, method), (path, method)
+
+
 async def test_each_native_route_is_reached_through_the_app_of_its_first_segment(app):
     """Dispatch by first path segment: each native router's segments lead to an app holding
     that router alone, so a request is matched among a few routes, not all of them."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import Histogram
@@ -22,6 +23,7 @@ from authgate.api import (
     account,
     admin,
     admin_organisations,
+    deps,
     devices,
     health,
     oauth,
@@ -228,7 +230,8 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
             if first in by_prefix and by_prefix[first] is not router_apps.get(id(router)):
                 raise RuntimeError(f"{route.path} is unreachable: {first} has an app of its own")
     _serve(app, settings)
-    _document_together(app, [per_realm, administration, *served.values()])
+    _document_together(app, [per_realm, administration, *served.values()],
+                       native=[app, per_realm, administration])
     return SurfaceDispatch(app, by_prefix)
 
 
@@ -316,8 +319,10 @@ def mount_dialects(app: FastAPI,
     return served, rooted
 
 
-def _document_together(app: FastAPI, others: list[FastAPI]) -> None:
-    """One OpenAPI document (``/openapi.json``, ``/docs``) for the native app and the dialects'."""
+def _document_together(app: FastAPI, others: list[FastAPI], native: list[FastAPI]) -> None:
+    """One OpenAPI document (``/openapi.json``, ``/docs``) for the native app and the dialects'.
+    The native operations that take a bearer access token say so (``/docs`` then offers to
+    authorise them); a dialect's credentials are its own, described in its documentation."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
@@ -330,10 +335,38 @@ def _document_together(app: FastAPI, others: list[FastAPI]) -> None:
                 if path.startswith("/realms/{realm}/"):
                     for operation in operations.values():
                         _document_realm(operation)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": "An access token from POST /oauth/token."}}
+            for path, method in _bearer_operations(native):
+                operation = schema["paths"].get(path, {}).get(method)
+                if operation is not None:
+                    operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# What takes a bearer access token: these dependencies, and the hot endpoints that read it
+# themselves (FastAPI's dependency solving costs more than their work).
+_BEARER_DEPENDENCIES = {deps.get_principal, deps.get_principal_with_user, deps.get_admin}
+_BEARER_ENDPOINTS = {oidc.userinfo, oidc.userinfo_post, oauth.introspect}
+
+
+def _bearer_operations(apps: list[FastAPI]) -> set[tuple[str, str]]:
+    """(path, method) of each operation of ``apps`` that takes a bearer access token, as the
+    OpenAPI document names them (the routers' prefixes included)."""
+    def takes_bearer(dependant: Any) -> bool:
+        return any(sub.call in _BEARER_DEPENDENCIES or takes_bearer(sub)
+                   for sub in dependant.dependencies)
+
+    return {(context.path_format, method.lower())
+            for served in apps for context in iter_route_contexts(served.routes)
+            if isinstance(context.original_route, APIRoute)
+            and (context.endpoint in _BEARER_ENDPOINTS
+                 or takes_bearer(context.original_route.dependant))
+            for method in context.methods or ()}
 
 
 _REALM_PARAMETER = {"name": "realm", "in": "path", "required": True,
