@@ -409,6 +409,23 @@ async def test_the_openapi_document_says_which_operations_take_a_bearer(client):
         assert not secured(path, method), (path, method)
 
 
+async def test_the_openapi_document_shows_the_admin_request_bodies(client):
+    """The admin handlers read their JSON themselves; the document still shows what they read."""
+    paths = (await client.get("/openapi.json")).json()["paths"]
+
+    def body(path: str) -> dict:
+        return paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    assert body("/admin/realms")["required"] == ["name"]
+    assert {"email", "password", "roles"} <= set(body("/admin/realms/{realm_name}/users")[
+        "properties"])
+    assert body("/admin/realms/{realm_name}/organisations")["required"] == ["name"]
+    assert body("/admin/realms/{realm_name}/organisations/{org}/members")["required"] == \
+        ["user_id"]
+    assert paths["/admin/realms/{realm_name}/keys/rotate"]["post"]["requestBody"][
+        "required"] is False
+
+
 async def test_each_native_route_is_reached_through_the_app_of_its_first_segment(app):
     """Dispatch by first path segment: each native router's segments lead to an app holding
     that router alone, so a request is matched among a few routes, not all of them."""

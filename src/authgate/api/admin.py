@@ -16,6 +16,7 @@ from authgate.api.surface import (
     BadRequest,
     JSONResponse,
     bool_field,
+    json_body,
     read_body,
     string_field,
 )
@@ -64,7 +65,10 @@ async def list_realms(request: Request, _: Principal = Depends(admin)) -> Respon
     return JSONResponse({"realms": [realm_json(r) for r in realms]}, headers=NO_STORE)
 
 
-@router.post("/realms", status_code=201)
+@router.post("/realms", status_code=201, openapi_extra=json_body({
+    "name": {"type": "string", "maxLength": 63}, "display_name": {"type": "string"},
+    "settings": {"type": "object", "description": "realm settings (docs/design.md)"}},
+    required=("name",)))
 async def create_realm(request: Request, _: Principal = Depends(admin)) -> Response:
     body = await read_body(request)
     name = string_field(body, "name", required=True, max_length=63)
@@ -94,7 +98,11 @@ async def list_users(realm_name: str, request: Request, limit: int = 100,
     return JSONResponse({"users": [user_json(u) for u in users]}, headers=NO_STORE)
 
 
-@router.post("/realms/{realm_name}/users", status_code=201)
+@router.post("/realms/{realm_name}/users", status_code=201, openapi_extra=json_body({
+    "email": {"type": "string"}, "username": {"type": "string"}, "phone": {"type": "string"},
+    "password": {"type": "string", "format": "password"}, "name": {"type": "string"},
+    "roles": {"type": "array", "items": {"type": "string"}},
+    "email_verified": {"type": "boolean"}}))
 async def create_user(realm_name: str, request: Request,
                       _: Principal = Depends(admin)) -> Response:
     core = get_core(request)
@@ -114,7 +122,8 @@ async def create_user(realm_name: str, request: Request,
     return JSONResponse(user_json(user), status_code=201, headers=NO_STORE)
 
 
-@router.post("/realms/{realm_name}/users/{user_id}/{action}")
+@router.post("/realms/{realm_name}/users/{user_id}/{action}",
+             description="`action`: `disable` or `enable`.")
 async def user_action(realm_name: str, user_id: str, action: str, request: Request,
                       _: Principal = Depends(admin)) -> Response:
     core = get_core(request)
@@ -138,7 +147,8 @@ async def list_keys(realm_name: str, request: Request, _: Principal = Depends(ad
     } for k in keys]}, headers=NO_STORE)
 
 
-@router.post("/realms/{realm_name}/keys/rotate")
+@router.post("/realms/{realm_name}/keys/rotate", openapi_extra=json_body({
+    "alg": {"type": "string", "enum": ["ES256", "EdDSA", "RS256"]}}, optional=True))
 async def rotate_keys(realm_name: str, request: Request,
                       _: Principal = Depends(admin)) -> Response:
     core = get_core(request)

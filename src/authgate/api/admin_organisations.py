@@ -10,8 +10,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from authgate.api.admin import admin
 from authgate.api.deps import get_core
 from authgate.api.errors import native
-from authgate.api.surface import NO_STORE, BadRequest, JSONResponse, bool_field, read_body
-from authgate.api.surface import string_field
+from authgate.api.surface import (
+    NO_STORE,
+    BadRequest,
+    JSONResponse,
+    bool_field,
+    json_body,
+    read_body,
+    string_field,
+)
 from authgate.core.models import Membership, Organisation
 from authgate.core.sessions import Principal
 
@@ -42,7 +49,11 @@ async def list_organisations(realm_name: str, request: Request,
                         headers=NO_STORE)
 
 
-@router.post("/realms/{realm_name}/organisations", status_code=201)
+@router.post("/realms/{realm_name}/organisations", status_code=201, openapi_extra=json_body({
+    "name": {"type": "string", "maxLength": 100}, "display_name": {"type": "string"},
+    "account_name": {"type": "string"}, "settings": {"type": "object"},
+    "is_active": {"type": "boolean"}, "is_suspended": {"type": "boolean"},
+    "is_paid": {"type": "boolean"}}, required=("name",)))
 async def create_organisation(realm_name: str, request: Request,
                               _: Principal = Depends(admin)) -> Response:
     core = get_core(request)
@@ -72,7 +83,9 @@ async def list_members(realm_name: str, org: str, request: Request,
     return JSONResponse({"members": [membership_json(m) for m in members]}, headers=NO_STORE)
 
 
-@router.post("/realms/{realm_name}/organisations/{org}/members")
+@router.post("/realms/{realm_name}/organisations/{org}/members", openapi_extra=json_body({
+    "user_id": {"type": "string"}, "roles": {"type": "array", "items": {"type": "string"}},
+    "status": {"type": "string", "default": "active"}}, required=("user_id",)))
 async def add_member(realm_name: str, org: str, request: Request,
                      _: Principal = Depends(admin)) -> Response:
     """Add a user with roles, or replace the roles and status of their membership."""

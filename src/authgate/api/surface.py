@@ -74,6 +74,17 @@ class BadRequest(Exception):
         self.status = status
 
 
+def json_body(properties: dict[str, Any], *, required: tuple[str, ...] = (),
+              optional: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` for a handler that reads its JSON object itself (``read_body``): the
+    request body the OpenAPI document shows for it."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return {"requestBody": {"required": not optional,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
 async def read_body(request: Request, *, allow_form: bool = True,
                     allow_empty: bool = False) -> dict[str, Any]:
     """Parse a JSON object or a form-urlencoded body into a dict, or raise BadRequest."""
