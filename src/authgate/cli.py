@@ -41,6 +41,8 @@ def whole(header: str, values: list[str]) -> Column:
     """A column of identifiers to copy: never cut short, however narrow the terminal (the
     other columns wrap instead)."""
     return Column(header, no_wrap=True, min_width=max((len(v) for v in values), default=0))
+
+
 T = TypeVar("T")
 
 RealmOption = typer.Option("default", "--realm", "-r", help="The realm's name.")

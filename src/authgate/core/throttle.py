@@ -135,10 +135,12 @@ class Throttle:
         no lock. False, with nothing written, when a counter does not exist yet or changed: the
         locking path decides then. (On SQLite the locking write is cheaper than the extra
         read.)"""
+        if len({key.key for key in keys}) != len(keys):
+            return False
         async with self.core.store.transaction() as tx:
             found = await tx.throttle.read_many([key.key for key in keys])
         states = [state for state in found if state is not None]
-        if len(states) != len(keys) or len({key.key for key in keys}) != len(keys):
+        if len(states) != len(keys):
             return False
         read = [replace(state) for state in states]
         for state in states:

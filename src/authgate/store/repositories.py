@@ -856,6 +856,19 @@ class OutboxRepo(_Repo):
                         next_attempt_at=next_attempt_at)
 
 
+def _states_by_key(rows: Any) -> dict[str, m.ThrottleState]:
+    return {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+
+
+def _locked_in_key_order(*where: Any, skip_locked: bool = False) -> Any:
+    """The keys of the throttle counters ``where`` holds, locked in key order (``skip_locked``:
+    leaving out those another transaction holds). Every write of the counters locks them so
+    first (``lock_many``'s upsert in the order of its sorted values): a statement otherwise
+    locks in the order it scans, and two orders deadlock."""
+    c = t.throttle_counters.c
+    return select(c.key).where(*where).order_by(c.key).with_for_update(skip_locked=skip_locked)
+
+
 class ThrottleRepo(_Repo):
     table, record = t.throttle_counters, m.ThrottleState
 
@@ -885,7 +898,7 @@ class ThrottleRepo(_Repo):
         statement = _statement(("throttle_lock", dialect, len(ordered)), build)
         rows = await self.conn.execute(statement, {"zero": 0, "now": now, **{
             f"k{i}": key for i, key in enumerate(ordered)}})
-        states = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+        states = _states_by_key(rows)
         return [states[key] for key in keys]
 
     async def read_many(self, keys: Sequence[str]) -> list[m.ThrottleState | None]:
@@ -894,7 +907,7 @@ class ThrottleRepo(_Repo):
         statement = _statement(("throttle_read", len(keys)), lambda: select(table).where(
             table.c.key.in_([bindparam(f"k{i}") for i in range(len(keys))])))
         rows = await self.conn.execute(statement, {f"k{i}": key for i, key in enumerate(keys)})
-        found = {state.key: state for state in (_record(m.ThrottleState, row) for row in rows)}
+        found = _states_by_key(rows)
         return [found.get(key) for key in keys]
 
     async def replace_if_unchanged(self, expected: Sequence[m.ThrottleState],
@@ -915,8 +928,7 @@ class ThrottleRepo(_Repo):
             unchanged = or_(*(and_(c.key == bindparam(f"k{i}"), *(
                 c[name].is_not_distinct_from(bindparam(f"e_{name}{i}", type_=c[name].type))
                 for name in names)) for i in range(len(pairs))))
-            locked = (select(c.key).where(unchanged).order_by(c.key).with_for_update()
-                      .cte("locked"))
+            locked = _locked_in_key_order(unchanged).cte("locked")
             all_locked = select(func.count()).select_from(locked).scalar_subquery() == len(pairs)
             return (update(table)
                     .where(c.key.in_([bindparam(f"k{i}") for i in range(len(pairs))]),
@@ -975,11 +987,8 @@ class ThrottleRepo(_Repo):
             is_cleared = c.key == bindparam("cleared")
             lapsed = and_(c.pending_until.is_not(None), c.pending_until <= when)
             left = case((c.pending > 1, c.pending - 1), else_=0)
-            # The rows are locked in key order first, as lock_many locks them: an UPDATE
-            # locks in the order it scans, and two orders deadlock.
-            locked = (select(c.key)
-                      .where(c.key.in_([bindparam(f"k{i}") for i in range(len(keys))]))
-                      .order_by(c.key).with_for_update().cte("locked"))
+            locked = _locked_in_key_order(
+                c.key.in_([bindparam(f"k{i}") for i in range(len(keys))])).cte("locked")
             return (update(table)
                     .where(c.key.in_(select(locked.c.key)))
                     .values(pending=case((lapsed, 0), else_=left),
@@ -1034,14 +1043,13 @@ class HousekeepingRepo:
         }
         stale = now - timedelta(seconds=throttle_window)
         c = t.throttle_counters.c
-        # Locked in key order first, as every throttle write locks them (a DELETE locks in
-        # scan order: it deadlocked with sign-ins), skipping what a sign-in holds now.
-        idle = (select(c.key).where(
+        # Skipping what a sign-in holds now.
+        idle = _locked_in_key_order(
             c.window_started_at < stale,
             or_(c.blocked_until.is_(None), c.blocked_until < now),
             # Not while an attempt is in flight (its lease not lapsed): it would be forgotten.
-            or_(c.pending == 0, c.pending_until.is_(None), c.pending_until <= now))
-            .order_by(c.key).with_for_update(skip_locked=True))
+            or_(c.pending == 0, c.pending_until.is_(None), c.pending_until <= now),
+            skip_locked=True)
         counts["throttle_counters"] = await self._delete(t.throttle_counters, c.key.in_(idle))
         return counts
 
