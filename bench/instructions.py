@@ -55,7 +55,7 @@ async def _connection(port: int, request: Callable[[dict[str, str]], bytes], cou
         writer.close()
 
 
-def _requests(host: str, access: str, project: str) -> dict[str, Callable[[dict[str, str]], bytes]]:
+def _requests(host: str, project: str) -> dict[str, Callable[[dict[str, str]], bytes]]:
     def refresh(chain: dict[str, str]) -> bytes:
         body = f"grant_type=refresh_token&refresh_token={chain['refresh']}"
         return (f"POST /oauth/token HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
@@ -64,8 +64,8 @@ def _requests(host: str, access: str, project: str) -> dict[str, Callable[[dict[
 
     return {
         "trivial": lambda _: f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(),
-        "userinfo": lambda _: (f"GET /userinfo HTTP/1.1\r\nHost: {host}\r\n"
-                               f"Authorization: Bearer {access}\r\n\r\n").encode(),
+        "userinfo": lambda chain: (f"GET /userinfo HTTP/1.1\r\nHost: {host}\r\n"
+                                   f"Authorization: Bearer {chain['access']}\r\n\r\n").encode(),
         "refresh": refresh,
         "dialect JWKS": lambda _: (f"GET /descope/v2/keys/{project} HTTP/1.1\r\n"
                                    f"Host: {host}\r\n\r\n").encode(),
@@ -97,8 +97,10 @@ def measure(store: str, requests: int, connections: int) -> dict[str, float]:
         project = re.search(r"project id (\S+?)\)", created.stdout).group(1)
         email = run.signup(server.url)
         refresh_tokens, access = run.sign_in(server.url, email, connections)
-        chains = [{"refresh": token} for token in refresh_tokens]
-        make = _requests(f"127.0.0.1:{server.port}", access, project)
+        # Each connection a session of its own, as run.py's.
+        chains = [{"refresh": token, "access": bearer}
+                  for token, bearer in zip(refresh_tokens, access)]
+        make = _requests(f"127.0.0.1:{server.port}", project)
 
         def load(figure: str, per_connection: int) -> None:
             async def all_connections() -> None:

@@ -62,11 +62,13 @@ def _prepare(server: run.Server, figure: str, seconds: int,
                                threads=8, script=run.LUA / "signin.lua",
                                env={"AUTHGATE_BENCH_EMAILS": str(emails),
                                     "AUTHGATE_BENCH_PASSWORD": run.PASSWORD})
-    if figure == "userinfo":
+    if figure == "userinfo":  # as run.py: a session of its own per connection
+        token_file = data_dir / "access-tokens.txt"
+        token_file.write_text("\n".join(access) + "\n")
         return lambda: run.wrk(server.url + "/userinfo", seconds=seconds, connections=16,
-                               threads=2, script=run.LUA / "bearer.lua",
-                               env={"AUTHGATE_BENCH_TOKEN": access})
-    return lambda: run.wrk(server.url + "/healthz", seconds=seconds, connections=16, threads=2)
+                               threads=16, script=run.LUA / "bearers.lua",
+                               env={"AUTHGATE_BENCH_TOKENS": str(token_file)})
+    return lambda: run.wrk(server.url + "/healthz", seconds=seconds, connections=16, threads=16)
 
 
 def measure(store: str, figure: str, seconds: int) -> list[str]:

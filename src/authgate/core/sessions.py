@@ -322,7 +322,8 @@ class Sessions:
                            typ: str = ACCESS_TOKEN_TYPE) -> Principal:
         """Verify an access token and that its session is still live. ``subject_claim`` names
         the claim that carries the user id and ``typ`` the token's JOSE type (a dialect's
-        tokens may differ in both); ``with_user`` loads the user in the same read."""
+        tokens may differ in both); ``with_user`` also requires the user active and returns
+        it (the store reads the session and the user together either way)."""
         claims = await self.core.keys.verify(
             realm, access_token,
             issuer=issuer if issuer is not None else self.core.realms.issuer(realm),
@@ -331,19 +332,16 @@ class Sessions:
         session_id = claims.get("sid")
         if not isinstance(session_id, str):
             raise AuthError(ErrorCode.INVALID_TOKEN)
-        async with self.core.store.transaction() as tx:
-            if with_user:
-                found = await tx.sessions.get_with_user(session_id)
-                session, user = found if found else (None, None)
-            else:
-                session, user = await tx.sessions.get(session_id), None
+        found = await self.core.store.session_with_user(session_id)
+        session, user = found if found else (None, None)
         self._check_live(session)
         assert session is not None
         if claims.get(subject_claim) != session.user_id:
             raise AuthError(ErrorCode.INVALID_TOKEN)
         if with_user and (user is None or user.status != "active"):
             raise AuthError(ErrorCode.SESSION_REVOKED)
-        return Principal(realm=realm, claims=claims, session=session, user=user)
+        return Principal(realm=realm, claims=claims, session=session,
+                         user=user if with_user else None)
 
     def _check_live(self, session: Session | None) -> None:
         if session is None:

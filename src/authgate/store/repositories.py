@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Table,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -449,6 +451,24 @@ class SessionRepo(_Repo):
             .where(t.sessions.c.id == bindparam("id"))))
         row = (await self.conn.execute(query, {"id": session_id})).first()
         return _session_and_user(row) if row is not None else None
+
+    async def many_with_user(self, session_ids: list[str]
+                             ) -> dict[str, tuple[m.Session, m.User]]:
+        """Sessions and their users by id, in one statement whatever the number of ids (an
+        array parameter: PostgreSQL). An id no session can have is left out before the
+        statement, so it cannot fail the read of the others."""
+        width = t.sessions.c.id.type.length
+        ids = [i for i in session_ids if len(i) <= width and "\x00" not in i]
+        if not ids:
+            return {}
+        query = _statement(("sessions_with_users",), lambda: (
+            select(t.sessions, t.users).join(t.users, t.users.c.id == t.sessions.c.user_id)
+            .where(t.sessions.c.id == any_(bindparam("ids", type_=ARRAY(t.sessions.c.id.type))))))
+        found = {}
+        for row in await self.conn.execute(query, {"ids": ids}):
+            session, user = _session_and_user(row)
+            found[session.id] = (session, user)
+        return found
 
     async def set_organisation(self, session_id: str, organisation_id: str | None) -> None:
         await self._set(t.sessions.c.id == session_id, organisation_id=organisation_id)

@@ -1,0 +1,78 @@
+"""Reads of one kind asked for at once, answered by one statement.
+
+Every bearer request reads its session to know it is still live. On PostgreSQL each read is a
+round trip, and under load the round trip costs the event loop far more than the row: a send
+that wakes a backend, a reply to parse, a connection taken and kept, a task woken. Reads asked
+for in the same turn of the event loop go out together when the loop next runs its callbacks,
+as one statement for all their keys. Nothing is cached: each read is sent after its caller
+asked for it, so it sees everything committed before, as a read of its own would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MAX_KEYS = 100  # callers in one statement; more start another
+
+
+class BatchedReads(Generic[K, V]):
+    """``await get(key)``: the value ``read`` gives for ``key`` (None if it gives none), read
+    with the keys of every other ``get`` of the same turn of the loop. A failed read fails
+    each of its callers; a caller that gives up does not disturb the others."""
+
+    __slots__ = ("_read", "_limit", "_pending", "_running")
+
+    def __init__(self, read: Callable[[list[K]], Awaitable[Mapping[K, V]]], *,
+                 limit: int = MAX_KEYS) -> None:
+        self._read = read
+        self._limit = limit
+        self._pending: list[tuple[K, asyncio.Future[V | None]]] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: K) -> V | None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[V | None] = loop.create_future()
+        pending = self._pending
+        if pending is None or len(pending) >= self._limit:
+            pending = self._pending = []
+            # In a context of its own: the read belongs to no one caller's request.
+            loop.call_soon(self._send, pending, context=contextvars.Context())
+        pending.append((key, waiter))
+        return await waiter
+
+    def _send(self, pending: list[tuple[K, asyncio.Future[V | None]]]) -> None:
+        if self._pending is pending:
+            self._pending = None
+        task = asyncio.get_running_loop().create_task(self._answer(pending))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _answer(self, pending: list[tuple[K, asyncio.Future[V | None]]]) -> None:
+        waiting = [(key, waiter) for key, waiter in pending if not waiter.done()]
+        if not waiting:
+            return
+        try:
+            found = await self._read(list(dict.fromkeys(key for key, _ in waiting)))
+        except asyncio.CancelledError:
+            for _, waiter in waiting:
+                waiter.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every caller is told
+            for _, waiter in waiting:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for key, waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(found.get(key))
+
+    async def close(self) -> None:
+        """Wait for the reads already sent."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)

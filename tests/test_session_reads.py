@@ -1,0 +1,184 @@
+"""Bearer requests' session reads: on PostgreSQL, those asked for at once go out as one
+statement (store/batch.py); every caller still gets its own, fresh answer."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import jwt
+import pytest
+
+from authgate.core.engine import Core
+from authgate.core.models import Realm, Session, User, utcnow
+from authgate.crypto.tokens import new_id
+from authgate.store.batch import BatchedReads
+from authgate.store.repositories import SessionRepo
+from tests.conftest import realm_url
+from tests.test_native_api import bearer, signed_in
+
+
+class Reads:
+    """A read function that records each call's keys."""
+
+    def __init__(self, fail: Exception | None = None, delay: float = 0.0) -> None:
+        self.calls: list[list[str]] = []
+        self.fail, self.delay = fail, delay
+
+    async def __call__(self, keys: list[str]) -> dict[str, str]:
+        self.calls.append(keys)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return {key: key.upper() for key in keys if not key.startswith("missing")}
+
+
+async def test_reads_asked_for_at_once_are_one_read_each_caller_its_own_answer():
+    reads = Reads()
+    batched = BatchedReads(reads)
+    answers = await asyncio.gather(*(batched.get(key) for key in
+                                     ["a", "b", "a", "missing-c", "d"]))
+    assert answers == ["A", "B", "A", None, "D"]
+    assert reads.calls == [["a", "b", "missing-c", "d"]]  # each key once
+
+
+async def test_reads_asked_for_one_after_another_are_separate_reads():
+    reads = Reads()
+    batched = BatchedReads(reads)
+    assert await batched.get("a") == "A"
+    assert await batched.get("b") == "B"
+    assert reads.calls == [["a"], ["b"]]
+
+
+async def test_more_callers_than_the_limit_start_another_read():
+    reads = Reads()
+    batched = BatchedReads(reads, limit=3)
+    keys = [f"k{i}" for i in range(7)]
+    assert await asyncio.gather(*(batched.get(key) for key in keys)) == \
+        [key.upper() for key in keys]
+    assert reads.calls == [keys[0:3], keys[3:6], keys[6:7]]
+
+
+async def test_a_failed_read_fails_each_of_its_callers_and_not_the_next_read():
+    reads = Reads(fail=RuntimeError("the database is gone"))
+    batched = BatchedReads(reads)
+    results = await asyncio.gather(batched.get("a"), batched.get("b"), return_exceptions=True)
+    assert [str(result) for result in results] == ["the database is gone"] * 2
+    reads.fail = None
+    assert await batched.get("a") == "A"
+
+
+async def test_a_caller_that_gives_up_does_not_disturb_the_others():
+    reads = Reads(delay=0.05)
+    batched = BatchedReads(reads)
+    leaving = asyncio.ensure_future(batched.get("a"))
+    staying = asyncio.ensure_future(batched.get("b"))
+    await asyncio.sleep(0.01)  # the read is on its way
+    leaving.cancel()
+    assert await staying == "B"
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    # Callers that all gave up before the read went out cost no read.
+    gone = [asyncio.ensure_future(batched.get("c")) for _ in range(2)]
+    for caller in gone:
+        caller.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert reads.calls == [["a", "b"]]
+
+
+async def test_closing_waits_for_the_reads_already_sent():
+    reads = Reads(delay=0.05)
+    batched = BatchedReads(reads)
+    caller = asyncio.ensure_future(batched.get("a"))
+    await asyncio.sleep(0)  # the read is sent on the loop's next turn
+    await asyncio.sleep(0)
+    await batched.close()
+    assert caller.done() and caller.result() == "A"
+
+
+# The store, on both backends.
+
+async def _user_with_sessions(core: Core, realm: Realm, count: int) -> tuple[User, list[Session]]:
+    user = User(id=new_id(), realm_id=realm.id, email=f"{new_id()}@example.com")
+    now = utcnow()
+    sessions = [Session(id=new_id(), realm_id=realm.id, user_id=user.id, amr=["pwd"],
+                        created_at=now, last_used_at=now, expires_at=now + timedelta(hours=1))
+                for _ in range(count)]
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+        for session in sessions:
+            await tx.sessions.add(session)
+    return user, sessions
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The ids of each batched statement the store sends."""
+    sent: list[list[str]] = []
+    real = SessionRepo.many_with_user
+
+    async def counted(self: SessionRepo, session_ids: list[str]) -> Any:
+        sent.append(list(session_ids))
+        return await real(self, session_ids)
+
+    monkeypatch.setattr(SessionRepo, "many_with_user", counted)
+    return sent
+
+
+async def test_sessions_read_at_once_come_back_each_with_its_user(core: Core, realm: Realm,
+                                                                   statements: list[list[str]]):
+    ann, ann_sessions = await _user_with_sessions(core, realm, 20)
+    bob, bob_sessions = await _user_with_sessions(core, realm, 5)
+    async with core.store.transaction(write=True) as tx:
+        await tx.sessions.revoke(bob_sessions[0].id, utcnow(), "signed_out")
+    # Ids no session has, one longer than any id and one PostgreSQL cannot even compare,
+    # read with the others: they find nothing and fail nothing.
+    strangers = ["no-such-session", "x" * 300, "nul\x00id"]
+    wanted = [s.id for s in ann_sessions + bob_sessions] + strangers
+    found = await asyncio.gather(*(core.store.session_with_user(i) for i in wanted))
+    for session_id, answer in zip(wanted, found):
+        if session_id in strangers:
+            assert answer is None
+            continue
+        assert answer is not None
+        session, user = answer
+        assert session.id == session_id
+        assert user.id == session.user_id == (ann.id if user.id == ann.id else bob.id)
+        assert (session.revoked_at is not None) == (session_id == bob_sessions[0].id)
+    if core.store.round_trips:  # PostgreSQL: one statement for all of them
+        assert len(statements) == 1 and set(statements[0]) == set(wanted)
+    else:  # SQLite: each read at once, no statement of this kind
+        assert statements == []
+
+
+async def test_a_session_revoked_before_the_read_is_seen_revoked(core: Core, realm: Realm):
+    _, sessions = await _user_with_sessions(core, realm, 3)
+    first = await asyncio.gather(*(core.store.session_with_user(s.id) for s in sessions))
+    assert all(found is not None and found[0].revoked_at is None for found in first)
+    async with core.store.transaction(write=True) as tx:
+        await tx.sessions.revoke(sessions[1].id, utcnow(), "signed_out")
+    again = await asyncio.gather(*(core.store.session_with_user(s.id) for s in sessions))
+    assert [found[0].revoked_at is not None for found in again if found] == [False, True, False]
+
+
+# Through the API.
+
+async def test_concurrent_bearer_requests_each_get_their_own_answer(client, core, realm,
+                                                                    statements):
+    signed = [await signed_in(client, realm) for _ in range(6)]
+    out = await client.post(realm_url(realm, "/signout"), headers=bearer(signed[2][1]))
+    assert out.status_code == 204
+    answers = await asyncio.gather(*(client.get(realm_url(realm, "/userinfo"),
+                                                headers=bearer(tokens))
+                                     for _, tokens in signed for _ in range(3)))
+    statuses = [answer.status_code for answer in answers]
+    assert statuses == [200] * 6 + [401] * 3 + [200] * 9
+    subjects = [answer.json()["sub"] for answer in answers if answer.status_code == 200]
+    expected = [tokens["access_token"] for i, (_, tokens) in enumerate(signed) if i != 2]
+    assert subjects == [jwt.decode(token, options={"verify_signature": False})["sub"]
+                        for token in expected for _ in range(3)]
+    if core.store.round_trips:
+        assert 1 <= len(statements) < len(answers)
