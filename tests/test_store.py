@@ -10,6 +10,8 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
+from authgate.api.app import build_core
+from authgate.config import ConfigError
 from authgate.core.engine import Core
 from authgate.core.models import (
     Credential,
@@ -27,6 +29,7 @@ from authgate.store import tables as t
 from authgate.store import db
 from authgate.store.db import SqlStore
 from tests.conftest import PASSWORD, PG_ADMIN_DSN, new_database, unique_email
+from tests.conftest import test_settings as settings_for
 
 
 def a_user(realm: Realm, **fields: object) -> User:
@@ -740,3 +743,23 @@ def test_sqlite_datetimes_keep_sqlalchemys_text_format():
     assert read("2026-11-23T10:05:07+01:00").tzinfo is UTC
     with pytest.raises(ValueError):
         write(datetime(2026, 11, 23))  # naive
+
+
+async def test_the_pool_size_setting_bounds_the_postgresql_connections(tmp_path: Path):
+    """``db_pool_size`` is how many backends a process may hold at once: more transactions
+    than that wait for a connection rather than open another."""
+    with pytest.raises(ConfigError, match="AUTHGATE_DB_POOL_SIZE"):
+        settings_for("sqlite:///unused", tmp_path, db_pool_size=0)
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(settings_for(url, tmp_path, db_pool_size=3))
+        try:
+            async def backend() -> int:
+                async with core.store.transaction(write=True) as tx:
+                    pid = (await tx.conn.execute(text("SELECT pg_backend_pid()"))).first()[0]
+                    await tx.conn.execute(text("SELECT pg_sleep(0.05)"))
+                    return int(pid)
+
+            pids = await asyncio.gather(*(backend() for _ in range(12)))
+            assert len(set(pids)) == 3
+        finally:
+            await core.close()

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # (a node stopped mid-transaction) is ended, releasing its locks. Seconds.
     db_statement_timeout: float = Field(15.0, gt=0, le=3600)
     db_idle_transaction_timeout: float = Field(60.0, gt=0, le=86_400)
+    # PostgreSQL: connections this process opens at most (each is a backend process).
+    db_pool_size: int = Field(10, ge=1, le=1000)
 
     # The master secret protects private keys and secrets at rest.
     master_secret: SecretStr | None = None

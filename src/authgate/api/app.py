@@ -49,7 +49,7 @@ REQUESTS = Histogram("authgate_http_request_seconds", "HTTP request latency",
 
 async def build_core(settings: Settings) -> Core:
     """Open the store, bring the schema up to date, and make sure the default realm exists."""
-    store = SqlStore.from_url(settings.database_url,
+    store = SqlStore.from_url(settings.database_url, pool_size=settings.db_pool_size,
                               statement_timeout=settings.db_statement_timeout,
                               idle_transaction_timeout=settings.db_idle_transaction_timeout)
     if settings.is_sqlite:
