@@ -2,10 +2,11 @@
 
 Every bearer request reads its session to know it is still live. On PostgreSQL each read is a
 round trip, and under load the round trip costs the event loop far more than the row: a send
-that wakes a backend, a reply to parse, a connection taken and kept, a task woken. Reads asked
-for in the same turn of the event loop go out together when the loop next runs its callbacks,
-as one statement for all their keys. Nothing is cached: each read is sent after its caller
-asked for it, so it sees everything committed before, as a read of its own would.
+that wakes a backend, a reply to parse, a connection taken and kept, a task woken; on SQLite
+a statement's own cost (its WAL read lock, its cursor) is still most of a one-row read. Reads
+asked for in the same turn of the event loop go out together when the loop next runs its
+callbacks, as one statement for all their keys. Nothing is cached: each read is sent after
+its caller asked for it, so it sees everything committed before, as a read of its own would.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class BatchedReads(Generic[K, V]):
                 waiter.set_result(found.get(key))
 
     async def close(self) -> None:
-        """Wait for the reads already sent."""
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        """Wait for the reads asked for so far: those already sent, and those the loop sends
+        on its next turn."""
+        while self._pending is not None or self._running:
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)

@@ -388,9 +388,9 @@ class SqlStore:
         self._pg_closing = False
         self._pg_sweep: asyncio.TimerHandle | None = None
         self._pg_pool_lock = asyncio.Lock()
-        # Bearer requests' session reads, sent together where each is a round trip.
-        self._session_reads: BatchedReads[str, tuple[Session, User]] | None = (
-            BatchedReads(self._sessions_with_users) if self.round_trips else None)
+        # Bearer requests' session reads, sent together.
+        self._session_reads: BatchedReads[str, tuple[Session, User]] = BatchedReads(
+            self._sessions_with_users)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
@@ -579,21 +579,17 @@ class SqlStore:
                         reset=keep_session, server_settings=self._pg_settings)
         return self._pg_pool
 
-    async def _sessions_with_users(self, session_ids: list[str]
-                                   ) -> dict[str, tuple[Session, User]]:
-        async with _PgTransaction(self, False) as tx:
-            return await tx.sessions.many_with_user(session_ids)
-
     # Both.
 
     async def session_with_user(self, session_id: str) -> tuple[Session, User] | None:
-        """A session and its user, as every bearer request reads them: on PostgreSQL with the
-        other such reads of the same turn of the event loop, in one statement
-        (``store/batch``); on SQLite at once (a read there is no round trip)."""
-        if self._session_reads is None:
-            async with self.transaction() as tx:
-                return await tx.sessions.get_with_user(session_id)
+        """A session and its user, as every bearer request reads them: with the other such
+        reads of the same turn of the event loop, in one statement (``store/batch``)."""
         return await self._session_reads.get(session_id)
+
+    async def _sessions_with_users(self, session_ids: list[str]
+                                   ) -> dict[str, tuple[Session, User]]:
+        async with self.transaction() as tx:
+            return await tx.sessions.many_with_user(session_ids)
 
     async def ping(self) -> None:
         async with self.transaction() as tx:
@@ -603,8 +599,7 @@ class SqlStore:
         self._pg_closing = True
         if self._pg_sweep is not None:
             self._pg_sweep.cancel()
-        if self._session_reads is not None:
-            await self._session_reads.close()
+        await self._session_reads.close()
         if self._pg_pool is not None:
             for connection in self._pg_idle.drain():
                 await self._pg_hand_back(connection)

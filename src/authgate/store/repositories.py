@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     Table,
+    Text,
     and_,
     any_,
     bindparam,
@@ -37,7 +38,7 @@ from authgate.core import models as m
 from authgate.core.models import normalise_login_id
 from authgate.core.ports import Conflict, StaleUser, Tx
 from authgate.store import tables as t
-from authgate.store.fastexec import Prebuilt
+from authgate.store.fastexec import Prebuilt, json_text
 
 R = TypeVar("R")
 
@@ -79,6 +80,15 @@ def _statement(key: tuple[Any, ...], build: Any, *, keyed: bool = False) -> Preb
     if statement is None:
         statement = _STATEMENTS[key] = Prebuilt(build(), keyed=keyed)
     return statement
+
+
+def _among(column: Any, name: str, postgres: bool) -> Any:
+    """``column`` is one of the values of the list parameter ``name``: ``= ANY(array)`` on
+    PostgreSQL, ``IN (json_each(json array))`` on SQLite."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    values = func.json_each(bindparam(name, type_=Text)).table_valued("value")
+    return column.in_(select(values.c.value))
 
 
 def _order(table: Table, order_by: str | None) -> Any:
@@ -454,18 +464,20 @@ class SessionRepo(_Repo):
 
     async def many_with_user(self, session_ids: list[str]
                              ) -> dict[str, tuple[m.Session, m.User]]:
-        """Sessions and their users by id, in one statement whatever the number of ids (an
-        array parameter: PostgreSQL). An id no session can have is left out before the
+        """Sessions and their users by id, in one statement whatever the number of ids: the
+        ids travel as one parameter (an array on PostgreSQL, a JSON array on SQLite), so the
+        statement is prepared once. An id no session can have is left out before the
         statement, so it cannot fail the read of the others."""
         width = t.sessions.c.id.type.length
         ids = [i for i in session_ids if len(i) <= width and "\x00" not in i]
         if not ids:
             return {}
-        query = _statement(("sessions_with_users",), lambda: (
+        postgres = self.conn.dialect.name == "postgresql"
+        query = _statement(("sessions_with_users", postgres), lambda: (
             select(t.sessions, t.users).join(t.users, t.users.c.id == t.sessions.c.user_id)
-            .where(t.sessions.c.id == any_(bindparam("ids", type_=ARRAY(t.sessions.c.id.type))))))
+            .where(_among(t.sessions.c.id, "ids", postgres))))
         found = {}
-        for row in await self.conn.execute(query, {"ids": ids}):
+        for row in await self.conn.execute(query, {"ids": ids if postgres else json_text(ids)}):
             session, user = _session_and_user(row)
             found[session.id] = (session, user)
         return found
