@@ -7,7 +7,7 @@ Argon2id parameters, then measures in one run, side by side:
   own) beside the raw Argon2id verify rate of this machine (the same parameters, one thread per
   core, no server): target >= 0.85;
 - refresh-token rotations/s (each connection refreshes its own chain of tokens) and userinfo/s
-  (each connection sends the access token of a session of its own, as distinct clients do),
+  (each connection sends the access token of a session of its own; all of one user),
   beside a trivial JSON endpoint of the same server (GET /healthz) loaded in the same shape (one
   connection per wrk thread): targets >= 0.35 and >= 0.6;
 - p50/p99 latency of each.

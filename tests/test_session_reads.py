@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 
+from authgate.api.app import build_core
 from authgate.core.engine import Core
 from authgate.core.models import Realm, Session, User, utcnow
 from authgate.crypto.tokens import new_id
 from authgate.store.batch import BatchedReads
 from authgate.store.repositories import SessionRepo
-from tests.conftest import realm_url
+from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
+from tests.conftest import test_settings as settings_for
 from tests.test_native_api import bearer, signed_in
 
 
@@ -106,6 +110,29 @@ async def test_closing_waits_for_the_reads_asked_for_sent_or_not():
     assert reads.calls == [["a"], ["b"]]
 
 
+async def test_giving_up_on_closing_cancels_no_callers_read():
+    reads = Reads(delay=0.1)
+    batched = BatchedReads(reads)
+    caller = asyncio.ensure_future(batched.get("a"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batched.close(), 0.01)
+    assert await caller == "A"
+
+
+async def test_callers_of_the_same_key_get_a_copy_each():
+    async def read(keys: list[str]) -> dict[str, list[str]]:
+        return {key: [key] for key in keys}
+
+    batched = BatchedReads(read, copy=list)
+    first, second, other = await asyncio.gather(batched.get("a"), batched.get("a"),
+                                                batched.get("b"))
+    assert first == second == ["a"] and other == ["b"]
+    first.append("changed by the first caller")
+    assert second == ["a"]
+
+
 # The store, on both backends.
 
 async def _user_with_sessions(core: Core, realm: Realm, count: int) -> tuple[User, list[Session]]:
@@ -166,6 +193,65 @@ async def test_a_session_revoked_before_the_read_is_seen_revoked(core: Core, rea
         await tx.sessions.revoke(sessions[1].id, utcnow(), "signed_out")
     again = await asyncio.gather(*(core.store.session_with_user(s.id) for s in sessions))
     assert [found[0].revoked_at is not None for found in again if found] == [False, True, False]
+
+
+async def test_callers_of_one_session_hold_their_own_copies(core: Core, realm: Realm):
+    _, (session,) = await _user_with_sessions(core, realm, 1)
+    first, second = await asyncio.gather(core.store.session_with_user(session.id),
+                                         core.store.session_with_user(session.id))
+    assert first is not None and second is not None
+    assert first == second
+    first[0].amr.append("changed")
+    first[1].roles.append("changed")
+    assert second[0].amr == ["pwd"] and second[1].roles == []
+
+
+async def test_ids_no_session_can_have_find_nothing_and_fail_nothing(core: Core, realm: Realm):
+    _, sessions = await _user_with_sessions(core, realm, 2)
+    real = sessions[0].id
+    strangers = [real + "x", real.upper(), "\ud800" + real[1:], real[:-1] + "\u00e9", ""]
+    found = await asyncio.gather(*(core.store.session_with_user(i)
+                                   for i in [*strangers, *(s.id for s in sessions)]))
+    assert found[:len(strangers)] == [None] * len(strangers)
+    assert [answer[0].id for answer in found[len(strangers):]] == [s.id for s in sessions]
+
+
+async def test_a_read_whose_connection_is_lost_is_sent_again(tmp_path: Path):
+    """PostgreSQL: the backend running a batched read is terminated; every caller still gets
+    its session (the read is sent once more, on another connection)."""
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(settings_for(url, tmp_path))
+        try:
+            realm = await core.realms.require("default")
+            _, sessions = await _user_with_sessions(core, realm, 30)
+            name = url.rsplit("/", 1)[1]
+            admin = await asyncpg.connect(PG_ADMIN_DSN)
+            locker = await asyncpg.connect(url.replace("+asyncpg", ""))
+            try:
+                holding = locker.transaction()
+                await holding.start()
+                await locker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+                callers = [asyncio.ensure_future(core.store.session_with_user(s.id))
+                           for s in sessions]
+                waiting: list[Any] = []
+                for _ in range(100):  # the read reaches the lock and waits on it
+                    waiting = await admin.fetch(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event_type = 'Lock'", name)
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.02)
+                assert len(waiting) == 1  # one statement for all thirty callers
+                await admin.execute("SELECT pg_terminate_backend($1)", waiting[0]["pid"])
+                await asyncio.sleep(0.1)
+                await holding.rollback()
+                found = await asyncio.wait_for(asyncio.gather(*callers), 10)
+            finally:
+                await locker.close()
+                await admin.close()
+            assert [answer[0].id for answer in found] == [s.id for s in sessions]
+        finally:
+            await core.close()
 
 
 # Through the API.

@@ -27,11 +27,14 @@ class BatchedReads(Generic[K, V]):
     with the keys of every other ``get`` of the same turn of the loop. A failed read fails
     each of its callers; a caller that gives up does not disturb the others."""
 
-    __slots__ = ("_read", "_limit", "_pending", "_running")
+    __slots__ = ("_read", "_copy", "_limit", "_pending", "_running")
 
     def __init__(self, read: Callable[[list[K]], Awaitable[Mapping[K, V]]], *,
-                 limit: int = MAX_KEYS) -> None:
+                 copy: Callable[[V], V] | None = None, limit: int = MAX_KEYS) -> None:
+        """``copy``: callers of the same key in one read get a copy each (the first the value
+        read), so none can change what another holds."""
         self._read = read
+        self._copy = copy
         self._limit = limit
         self._pending: list[tuple[K, asyncio.Future[V | None]]] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -69,15 +72,21 @@ class BatchedReads(Generic[K, V]):
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
+        given: set[K] = set()
         for key, waiter in waiting:
-            if not waiter.done():
-                waiter.set_result(found.get(key))
+            if waiter.done():
+                continue
+            value = found.get(key)
+            if value is not None and key in given and self._copy is not None:
+                value = self._copy(value)
+            given.add(key)
+            waiter.set_result(value)
 
     async def close(self) -> None:
         """Wait for the reads asked for so far: those already sent, and those the loop sends
         on its next turn."""
         while self._pending is not None or self._running:
-            if self._running:
-                await asyncio.gather(*self._running, return_exceptions=True)
+            if self._running:  # asyncio.wait: giving up on close cancels no caller's read
+                await asyncio.wait(set(self._running))
             else:
                 await asyncio.sleep(0)

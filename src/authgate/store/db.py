@@ -26,6 +26,7 @@ in a READ COMMITTED transaction.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ from authgate.core.models import Session, User
 from authgate.core.ports import StoreUnavailable
 from authgate.store.batch import BatchedReads
 from authgate.store.fastexec import (
+    connection_lost,
     init_asyncpg_connection,
     json_text,
     is_open,
@@ -390,7 +392,7 @@ class SqlStore:
         self._pg_pool_lock = asyncio.Lock()
         # Bearer requests' session reads, sent together.
         self._session_reads: BatchedReads[str, tuple[Session, User]] = BatchedReads(
-            self._sessions_with_users)
+            self._sessions_with_users, copy=copy.deepcopy)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
@@ -588,6 +590,15 @@ class SqlStore:
 
     async def _sessions_with_users(self, session_ids: list[str]
                                    ) -> dict[str, tuple[Session, User]]:
+        """One read for up to ``MAX_KEYS`` callers. A read whose connection was lost (its
+        backend terminated, the socket reset) is sent once more, on another connection: it
+        changes nothing, and every caller in it would otherwise fail with the one connection."""
+        try:
+            async with self.transaction() as tx:
+                return await tx.sessions.many_with_user(session_ids)
+        except StoreUnavailable as exc:
+            if not connection_lost(exc):
+                raise
         async with self.transaction() as tx:
             return await tx.sessions.many_with_user(session_ids)
 

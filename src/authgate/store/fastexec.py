@@ -251,6 +251,19 @@ _PG_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.OperatorIntervention
                    ConnectionError)
 
 
+# A connection that was working and ended under a statement (its backend terminated or
+# crashed, the socket reset): the database itself may well answer on another.
+_PG_LOST = (asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError, ConnectionResetError, BrokenPipeError,
+            asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
+def connection_lost(exc: StoreUnavailable) -> bool:
+    """Whether ``exc`` is a lost connection rather than a database that cannot be reached,
+    that refuses, or that cancelled a statement past its timeout."""
+    return isinstance(exc.__cause__, _PG_LOST)
+
+
 def is_open(connection: Any) -> bool:
     """Whether an asyncpg pool connection is still open. When the database closes one (a
     restart, an idle timeout, an administrator), asyncpg takes it back into its pool at once

@@ -466,10 +466,10 @@ class SessionRepo(_Repo):
                              ) -> dict[str, tuple[m.Session, m.User]]:
         """Sessions and their users by id, in one statement whatever the number of ids: the
         ids travel as one parameter (an array on PostgreSQL, a JSON array on SQLite), so the
-        statement is prepared once. An id no session can have is left out before the
-        statement, so it cannot fail the read of the others."""
-        width = t.sessions.c.id.type.length
-        ids = [i for i in session_ids if len(i) <= width and "\x00" not in i]
+        statement is prepared once. An id no session can have (longer than an id, not ASCII:
+        a NUL or a lone surrogate would fail the whole statement) is left out before it."""
+        ids = [i for i in session_ids
+               if len(i) <= t.ID_LENGTH and i.isascii() and "\x00" not in i]
         if not ids:
             return {}
         postgres = self.conn.dialect.name == "postgresql"

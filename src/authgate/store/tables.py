@@ -92,7 +92,8 @@ naming = {
 }
 metadata = MetaData(naming_convention=naming)
 
-ID = String(36)
+ID_LENGTH = 36  # a UUID's text form (crypto.tokens.new_id)
+ID = String(ID_LENGTH)
 
 
 def _id() -> Column[Any]:
