@@ -30,13 +30,13 @@ class Reads:
         self.calls: list[list[str]] = []
         self.fail, self.delay = fail, delay
 
-    async def __call__(self, keys: list[str]) -> dict[str, str]:
+    async def __call__(self, keys: list[str]) -> list[str | None]:
         self.calls.append(keys)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        return {key: key.upper() for key in keys if not key.startswith("missing")}
+        return [None if key.startswith("missing") else key.upper() for key in keys]
 
 
 async def test_reads_asked_for_at_once_are_one_read_each_caller_its_own_answer():
@@ -45,7 +45,7 @@ async def test_reads_asked_for_at_once_are_one_read_each_caller_its_own_answer()
     answers = await asyncio.gather(*(batched.get(key) for key in
                                      ["a", "b", "a", "missing-c", "d"]))
     assert answers == ["A", "B", "A", None, "D"]
-    assert reads.calls == [["a", "b", "missing-c", "d"]]  # each key once
+    assert reads.calls == [["a", "b", "a", "missing-c", "d"]]
 
 
 async def test_reads_asked_for_one_after_another_are_separate_reads():
@@ -121,16 +121,25 @@ async def test_giving_up_on_closing_cancels_no_callers_read():
     assert await caller == "A"
 
 
-async def test_callers_of_the_same_key_get_a_copy_each():
-    async def read(keys: list[str]) -> dict[str, list[str]]:
-        return {key: [key] for key in keys}
+async def test_callers_of_the_same_key_each_get_a_value_of_their_own():
+    async def read(keys: list[str]) -> list[list[str]]:
+        return [[key] for key in keys]
 
-    batched = BatchedReads(read, copy=list)
+    batched = BatchedReads(read)
     first, second, other = await asyncio.gather(batched.get("a"), batched.get("a"),
                                                 batched.get("b"))
     assert first == second == ["a"] and other == ["b"]
     first.append("changed by the first caller")
     assert second == ["a"]
+
+
+async def test_a_read_that_answers_the_wrong_number_of_keys_fails_its_callers():
+    async def read(keys: list[str]) -> list[str]:
+        return ["only one"]
+
+    batched = BatchedReads(read)
+    results = await asyncio.gather(batched.get("a"), batched.get("b"), return_exceptions=True)
+    assert all(isinstance(result, RuntimeError) for result in results)
 
 
 # The store, on both backends.
@@ -152,7 +161,7 @@ async def _user_with_sessions(core: Core, realm: Realm, count: int) -> tuple[Use
 def statements(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The ids of each batched statement the store sends."""
     sent: list[list[str]] = []
-    real = SessionRepo.many_with_user
+    real = SessionRepo.many_with_user  # counted, then run as it is
 
     async def counted(self: SessionRepo, session_ids: list[str]) -> Any:
         sent.append(list(session_ids))

@@ -363,6 +363,57 @@ async def test_a_refresh_reads_each_row_by_its_key_whatever_the_user_holds(backe
             await store.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_batched_session_reads_read_each_row_by_its_key(backend: str, tmp_path: Path):
+    """The plan of the bearer requests' batched read (``SessionRepo.many_with_user``), as the
+    database caches it, on tables not yet analysed, finds each listed session by its key and
+    its user by its key: nothing that grows with the sessions a user holds. Left to its
+    estimates, PostgreSQL had planned it from the users through ``ix_sessions_user_id``."""
+    from authgate.store.migrate import upgrade
+    from authgate.store.repositories import _sessions_with_users
+
+    realm = Realm(id=new_id(), name="plan", display_name="plan", project_id="Pplan",
+                  settings={}, created_at=utcnow())
+    user = a_user(realm, email="plan@example.com")
+    async with new_database(backend, tmp_path) as url:
+        store = SqlStore.from_url(url)
+        try:
+            await upgrade(store.engine)
+            async with store.transaction(write=True) as tx:
+                if not store.is_sqlite:
+                    for table in ("users", "sessions"):
+                        await tx.conn.execute(text(
+                            f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+                await tx.realms.add(realm)
+                await tx.users.add(user)
+                for _ in range(200):
+                    await tx.sessions.add(a_session(realm, user))
+            async with store.transaction() as tx:
+                raw = tx.conn._raw
+                compiled = _sessions_with_users(not store.is_sqlite).compile(
+                    dialect=tx.conn.dialect)
+                if store.is_sqlite:
+                    plan = [row[-1] for row in raw.execute(
+                        "EXPLAIN QUERY PLAN " + compiled.string, ['["a", "b"]'])]
+                    assert [step.split()[:2] for step in plan] == [
+                        ["SCAN", "anon_2"], ["SEARCH", "sessions"], ["SEARCH", "users"]], plan
+                    assert not any("ix_" in step for step in plan), plan
+                    return
+                await raw.execute("SET plan_cache_mode = force_generic_plan")
+                await raw.execute(f"PREPARE batch_plan AS {compiled.string}")
+                try:
+                    plan = "\n".join(row[0] for row in await raw.fetch(
+                        "EXPLAIN EXECUTE batch_plan(NULL::TEXT[], NULL::INTEGER, "
+                        "NULL::INTEGER)"))
+                finally:
+                    await raw.execute("DEALLOCATE batch_plan")
+                    await raw.execute("RESET plan_cache_mode")
+            assert "pk_sessions" in plan, plan
+            assert "Seq Scan on sessions" not in plan and "ix_sessions_user_id" not in plan, plan
+        finally:
+            await store.close()
+
+
 def _pg_type(compiled: object, name: str) -> str:
     """The SQL type of a bound parameter, as the statement casts it."""
     from sqlalchemy.dialects import postgresql

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -23,18 +23,17 @@ MAX_KEYS = 100  # callers in one statement; more start another
 
 
 class BatchedReads(Generic[K, V]):
-    """``await get(key)``: the value ``read`` gives for ``key`` (None if it gives none), read
-    with the keys of every other ``get`` of the same turn of the loop. A failed read fails
-    each of its callers; a caller that gives up does not disturb the others."""
+    """``await get(key)``: what ``read`` gives for ``key``, read with the keys of every other
+    ``get`` of the same turn of the loop. ``read`` gives one value (or None) per key, in
+    order; a key asked for twice is given to it twice, so every caller gets a value of its
+    own, which no other caller can change. A failed read fails each of its callers; a caller
+    that gives up does not disturb the others."""
 
-    __slots__ = ("_read", "_copy", "_limit", "_pending", "_running")
+    __slots__ = ("_read", "_limit", "_pending", "_running")
 
-    def __init__(self, read: Callable[[list[K]], Awaitable[Mapping[K, V]]], *,
-                 copy: Callable[[V], V] | None = None, limit: int = MAX_KEYS) -> None:
-        """``copy``: callers of the same key in one read get a copy each (the first the value
-        read), so none can change what another holds."""
+    def __init__(self, read: Callable[[list[K]], Awaitable[Sequence[V | None]]], *,
+                 limit: int = MAX_KEYS) -> None:
         self._read = read
-        self._copy = copy
         self._limit = limit
         self._pending: list[tuple[K, asyncio.Future[V | None]]] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -62,7 +61,7 @@ class BatchedReads(Generic[K, V]):
         if not waiting:
             return
         try:
-            found = await self._read(list(dict.fromkeys(key for key, _ in waiting)))
+            found = await self._read([key for key, _ in waiting])
         except asyncio.CancelledError:
             for _, waiter in waiting:
                 waiter.cancel()
@@ -72,15 +71,18 @@ class BatchedReads(Generic[K, V]):
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
-        given: set[K] = set()
-        for key, waiter in waiting:
+        if len(found) != len(waiting):  # a read that broke its contract fails its callers
+            found = [None] * len(waiting)
+            error: Exception | None = RuntimeError("a batched read gave a value per key no more")
+        else:
+            error = None
+        for (_, waiter), value in zip(waiting, found):
             if waiter.done():
                 continue
-            value = found.get(key)
-            if value is not None and key in given and self._copy is not None:
-                value = self._copy(value)
-            given.add(key)
-            waiter.set_result(value)
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(value)
 
     async def close(self) -> None:
         """Wait for the reads asked for so far: those already sent, and those the loop sends

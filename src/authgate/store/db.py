@@ -26,7 +26,6 @@ in a READ COMMITTED transaction.
 from __future__ import annotations
 
 import asyncio
-import copy
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -392,7 +391,7 @@ class SqlStore:
         self._pg_pool_lock = asyncio.Lock()
         # Bearer requests' session reads, sent together.
         self._session_reads: BatchedReads[str, tuple[Session, User]] = BatchedReads(
-            self._sessions_with_users, copy=copy.deepcopy)
+            self._sessions_with_users)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
@@ -589,7 +588,7 @@ class SqlStore:
         return await self._session_reads.get(session_id)
 
     async def _sessions_with_users(self, session_ids: list[str]
-                                   ) -> dict[str, tuple[Session, User]]:
+                                   ) -> list[tuple[Session, User] | None]:
         """One read for up to ``MAX_KEYS`` callers. A read whose connection was lost (its
         backend terminated, the socket reset) is sent once more, on another connection: it
         changes nothing, and every caller in it would otherwise fail with the one connection."""

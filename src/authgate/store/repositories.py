@@ -15,12 +15,12 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    any_,
     bindparam,
     case,
     delete,
     func,
     insert,
+    literal_column,
     null,
     or_,
     select,
@@ -82,13 +82,33 @@ def _statement(key: tuple[Any, ...], build: Any, *, keyed: bool = False) -> Preb
     return statement
 
 
-def _among(column: Any, name: str, postgres: bool) -> Any:
-    """``column`` is one of the values of the list parameter ``name``: ``= ANY(array)`` on
-    PostgreSQL, ``IN (json_each(json array))`` on SQLite."""
+def _listed(name: str, postgres: bool) -> Any:
+    """The list parameter ``name`` as a table of (``n``, ``value``), ``n`` each value's
+    position from 0, one row per value (a value listed twice is two rows): ``unnest`` of a
+    text array on PostgreSQL, ``json_each`` of a JSON array on SQLite."""
     if postgres:
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
-    values = func.json_each(bindparam(name, type_=Text)).table_valued("value")
-    return column.in_(select(values.c.value))
+        rows = func.unnest(bindparam(name, type_=ARRAY(Text))).table_valued(
+            "value", with_ordinality="ordinality").render_derived()
+        return select((rows.c.ordinality - literal_column("1")).label("n"),
+                      rows.c.value).subquery()
+    rows = func.json_each(bindparam(name, type_=Text)).table_valued("key", "value")
+    return select(rows.c.key.label("n"), rows.c.value).subquery()
+
+
+def _sessions_with_users(postgres: bool) -> Any:
+    """(position in the ``ids`` list parameter, the session's columns, its user's columns)
+    for each listed id that is a session's, each row read by its key."""
+    ids = _listed("ids", postgres)
+    if not postgres:  # SQLite looks each up by its key, json_each the outer loop
+        return (select(ids.c.n, t.sessions, t.users)
+                .select_from(ids.join(t.sessions, t.sessions.c.id == ids.c.value)
+                             .join(t.users, t.users.c.id == t.sessions.c.user_id)))
+    # Each session, then its user, by its key: LATERAL subqueries the planner may not merge
+    # (OFFSET 0). Left to its estimates, on tables not yet analysed, PostgreSQL planned this
+    # join (and an = ANY) from the users, reading every session of each.
+    session = select(t.sessions).where(t.sessions.c.id == ids.c.value).offset(0).lateral("s")
+    user = select(t.users).where(t.users.c.id == session.c.user_id).offset(0).lateral("u")
+    return select(ids.c.n, session, user).select_from(ids.join(session, true()).join(user, true()))
 
 
 def _order(table: Table, order_by: str | None) -> Any:
@@ -463,24 +483,24 @@ class SessionRepo(_Repo):
         return _session_and_user(row) if row is not None else None
 
     async def many_with_user(self, session_ids: list[str]
-                             ) -> dict[str, tuple[m.Session, m.User]]:
-        """Sessions and their users by id, in one statement whatever the number of ids: the
-        ids travel as one parameter (an array on PostgreSQL, a JSON array on SQLite), so the
-        statement is prepared once. An id no session can have (longer than an id, not ASCII:
-        a NUL or a lone surrogate would fail the whole statement) is left out before it."""
-        ids = [i for i in session_ids
-               if len(i) <= t.ID_LENGTH and i.isascii() and "\x00" not in i]
-        if not ids:
-            return {}
+                             ) -> list[tuple[m.Session, m.User] | None]:
+        """Each id's session and its user (None if it has none), in order, in one statement
+        whatever the number of ids: they travel as one parameter (``_listed``), so the
+        statement is prepared once. An id listed twice is read twice, so each answer is
+        objects of its own. An id no session can have (longer than an id, not ASCII: a NUL or
+        a lone surrogate would fail the whole statement) is left out before it."""
+        answers: list[tuple[m.Session, m.User] | None] = [None] * len(session_ids)
+        asked = [(at, i) for at, i in enumerate(session_ids)
+                 if len(i) <= t.ID_LENGTH and i.isascii() and "\x00" not in i]
+        if not asked:
+            return answers
         postgres = self.conn.dialect.name == "postgresql"
-        query = _statement(("sessions_with_users", postgres), lambda: (
-            select(t.sessions, t.users).join(t.users, t.users.c.id == t.sessions.c.user_id)
-            .where(_among(t.sessions.c.id, "ids", postgres))))
-        found = {}
+        query = _statement(("sessions_with_users", postgres),
+                           lambda: _sessions_with_users(postgres))
+        ids = [i for _, i in asked]
         for row in await self.conn.execute(query, {"ids": ids if postgres else json_text(ids)}):
-            session, user = _session_and_user(row)
-            found[session.id] = (session, user)
-        return found
+            answers[asked[row[0]][0]] = _session_and_user(row[1:])
+        return answers
 
     async def set_organisation(self, session_id: str, organisation_id: str | None) -> None:
         await self._set(t.sessions.c.id == session_id, organisation_id=organisation_id)
