@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -298,6 +301,44 @@ async def test_a_realm_locked_for_a_change_still_lets_users_sign_in(core: Core, 
     assert (await opening).access_token
 
 
+@asynccontextmanager
+async def _never_analysed(backend: str, tmp_path: Path, tables: tuple[str, ...]
+                          ) -> AsyncIterator[tuple[SqlStore, Realm, User]]:
+    """A store on a new database whose ``tables`` autovacuum leaves alone, never analysed
+    (a new deployment), with a realm and a user."""
+    from authgate.store.migrate import upgrade
+
+    realm = Realm(id=new_id(), name="plan", display_name="plan", project_id="Pplan",
+                  settings={}, created_at=utcnow())
+    user = a_user(realm, email="plan@example.com")
+    async with new_database(backend, tmp_path) as url:
+        store = SqlStore.from_url(url)
+        try:
+            await upgrade(store.engine)
+            async with store.transaction(write=True) as tx:
+                if not store.is_sqlite:
+                    for table in tables:
+                        await tx.conn.execute(text(
+                            f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+                await tx.realms.add(realm)
+                await tx.users.add(user)
+            yield store, realm, user
+        finally:
+            await store.close()
+
+
+async def _pg_generic_plan(raw: Any, sql: str, placeholders: str) -> str:
+    """The plan PostgreSQL caches for ``sql`` as a prepared statement (a generic plan)."""
+    await raw.execute("SET plan_cache_mode = force_generic_plan")
+    await raw.execute(f"PREPARE plan_of AS {sql}")
+    try:
+        return "\n".join(row[0] for row in await raw.fetch(
+            f"EXPLAIN EXECUTE plan_of({placeholders})"))
+    finally:
+        await raw.execute("DEALLOCATE plan_of")
+        await raw.execute("RESET plan_cache_mode")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_refresh_reads_each_row_by_its_key_whatever_the_user_holds(backend: str,
                                                                             tmp_path: Path):
@@ -308,59 +349,37 @@ async def test_a_refresh_reads_each_row_by_its_key_whatever_the_user_holds(backe
     left to its estimates, had done both."""
     from sqlalchemy import select
 
-    from authgate.store.migrate import upgrade
     from authgate.store.repositories import _live_token, _rotate_live_cte
 
-    realm = Realm(id=new_id(), name="plan", display_name="plan", project_id="Pplan",
-                  settings={}, created_at=utcnow())
-    user = a_user(realm, email="plan@example.com")
-    async with new_database(backend, tmp_path) as url:
-        store = SqlStore.from_url(url)
-        try:
-            await upgrade(store.engine)
-            async with store.transaction(write=True) as tx:
-                if not store.is_sqlite:
-                    for table in ("users", "sessions", "refresh_tokens"):
-                        await tx.conn.execute(text(
-                            f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
-                await tx.realms.add(realm)
-                await tx.users.add(user)
-                for _ in range(30):
-                    session = a_session(realm, user)
-                    await tx.sessions.add(session)
-                    for _ in range(5):
-                        await tx.refresh_tokens.add(RefreshToken(
-                            id=new_id(), session_id=session.id, token_hash=digest(new_token()),
-                            created_at=utcnow(), expires_at=utcnow() + timedelta(hours=1),
-                            rotated_at=utcnow()))
-            async with store.transaction() as tx:
-                raw = tx.conn._raw
-                if store.is_sqlite:
-                    compiled = (select(t.refresh_tokens.c.id, t.sessions, t.users)
-                                .select_from(t.refresh_tokens).where(_live_token())
-                                .compile(dialect=tx.conn.dialect))
-                    plan = [row[-1] for row in raw.execute(
-                        "EXPLAIN QUERY PLAN " + compiled.string,
-                        [None] * len(compiled.positiontup))]
-                    assert len(plan) == 3 and all(step.startswith("SEARCH") for step in plan)
-                    assert not any("ix_" in step for step in plan), plan
-                    return
-                compiled = _rotate_live_cte().compile(dialect=tx.conn.dialect)
-                placeholders = ", ".join(f"NULL::{_pg_type(compiled, n)}"
-                                         for n in compiled.positiontup)
-                await raw.execute("SET plan_cache_mode = force_generic_plan")
-                await raw.execute(f"PREPARE rotation_plan AS {compiled.string}")
-                try:
-                    plan = "\n".join(row[0] for row in await raw.fetch(
-                        f"EXPLAIN EXECUTE rotation_plan({placeholders})"))
-                finally:
-                    await raw.execute("DEALLOCATE rotation_plan")
-                    await raw.execute("RESET plan_cache_mode")
-            assert "Seq Scan" not in plan and "uq_refresh_tokens_token_hash" in plan, plan
-            assert "ix_sessions_user_id" not in plan and "ix_refresh_tokens_session_id" \
-                not in plan, plan
-        finally:
-            await store.close()
+    async with _never_analysed(backend, tmp_path,
+                               ("users", "sessions", "refresh_tokens")) as (store, realm, user):
+        async with store.transaction(write=True) as tx:
+            for _ in range(30):
+                session = a_session(realm, user)
+                await tx.sessions.add(session)
+                for _ in range(5):
+                    await tx.refresh_tokens.add(RefreshToken(
+                        id=new_id(), session_id=session.id, token_hash=digest(new_token()),
+                        created_at=utcnow(), expires_at=utcnow() + timedelta(hours=1),
+                        rotated_at=utcnow()))
+        async with store.transaction() as tx:
+            raw = tx.conn._raw
+            if store.is_sqlite:
+                compiled = (select(t.refresh_tokens.c.id, t.sessions, t.users)
+                            .select_from(t.refresh_tokens).where(_live_token())
+                            .compile(dialect=tx.conn.dialect))
+                plan = [row[-1] for row in raw.execute(
+                    "EXPLAIN QUERY PLAN " + compiled.string,
+                    [None] * len(compiled.positiontup))]
+                assert len(plan) == 3 and all(step.startswith("SEARCH") for step in plan)
+                assert not any("ix_" in step for step in plan), plan
+                return
+            compiled = _rotate_live_cte().compile(dialect=tx.conn.dialect)
+            text_plan = await _pg_generic_plan(raw, compiled.string, ", ".join(
+                f"NULL::{_pg_type(compiled, n)}" for n in compiled.positiontup))
+    assert "Seq Scan" not in text_plan and "uq_refresh_tokens_token_hash" in text_plan, text_plan
+    assert "ix_sessions_user_id" not in text_plan and "ix_refresh_tokens_session_id" \
+        not in text_plan, text_plan
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -369,49 +388,27 @@ async def test_batched_session_reads_read_each_row_by_its_key(backend: str, tmp_
     database caches it, on tables not yet analysed, finds each listed session by its key and
     its user by its key: nothing that grows with the sessions a user holds. Left to its
     estimates, PostgreSQL had planned it from the users through ``ix_sessions_user_id``."""
-    from authgate.store.migrate import upgrade
     from authgate.store.repositories import _sessions_with_users
 
-    realm = Realm(id=new_id(), name="plan", display_name="plan", project_id="Pplan",
-                  settings={}, created_at=utcnow())
-    user = a_user(realm, email="plan@example.com")
-    async with new_database(backend, tmp_path) as url:
-        store = SqlStore.from_url(url)
-        try:
-            await upgrade(store.engine)
-            async with store.transaction(write=True) as tx:
-                if not store.is_sqlite:
-                    for table in ("users", "sessions"):
-                        await tx.conn.execute(text(
-                            f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
-                await tx.realms.add(realm)
-                await tx.users.add(user)
-                for _ in range(200):
-                    await tx.sessions.add(a_session(realm, user))
-            async with store.transaction() as tx:
-                raw = tx.conn._raw
-                compiled = _sessions_with_users(not store.is_sqlite).compile(
-                    dialect=tx.conn.dialect)
-                if store.is_sqlite:
-                    plan = [row[-1] for row in raw.execute(
-                        "EXPLAIN QUERY PLAN " + compiled.string, ['["a", "b"]'])]
-                    assert [step.split()[:2] for step in plan] == [
-                        ["SCAN", "anon_2"], ["SEARCH", "sessions"], ["SEARCH", "users"]], plan
-                    assert not any("ix_" in step for step in plan), plan
-                    return
-                await raw.execute("SET plan_cache_mode = force_generic_plan")
-                await raw.execute(f"PREPARE batch_plan AS {compiled.string}")
-                try:
-                    plan = "\n".join(row[0] for row in await raw.fetch(
-                        "EXPLAIN EXECUTE batch_plan(NULL::TEXT[], NULL::INTEGER, "
-                        "NULL::INTEGER)"))
-                finally:
-                    await raw.execute("DEALLOCATE batch_plan")
-                    await raw.execute("RESET plan_cache_mode")
-            assert "pk_sessions" in plan, plan
-            assert "Seq Scan on sessions" not in plan and "ix_sessions_user_id" not in plan, plan
-        finally:
-            await store.close()
+    async with _never_analysed(backend, tmp_path, ("users", "sessions")) as (store, realm, user):
+        async with store.transaction(write=True) as tx:
+            for _ in range(200):
+                await tx.sessions.add(a_session(realm, user))
+        async with store.transaction() as tx:
+            raw = tx.conn._raw
+            compiled = _sessions_with_users(not store.is_sqlite).compile(dialect=tx.conn.dialect)
+            if store.is_sqlite:
+                plan = [row[-1] for row in raw.execute(
+                    "EXPLAIN QUERY PLAN " + compiled.string, ['["a", "b"]'])]
+                assert [step.split()[:2] for step in plan] == [
+                    ["SCAN", "anon_2"], ["SEARCH", "sessions"], ["SEARCH", "users"]], plan
+                assert not any("ix_" in step for step in plan), plan
+                return
+            text_plan = await _pg_generic_plan(raw, compiled.string,
+                                               "NULL::TEXT[], NULL::INTEGER, NULL::INTEGER")
+    assert "pk_sessions" in text_plan, text_plan
+    assert "Seq Scan on sessions" not in text_plan and "ix_sessions_user_id" not in text_plan, \
+        text_plan
 
 
 def _pg_type(compiled: object, name: str) -> str:
