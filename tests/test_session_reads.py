@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import jwt
 import pytest
+from prometheus_client import REGISTRY
 
 from authgate.api.app import build_core
 from authgate.core.engine import Core
@@ -171,6 +172,13 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return sent
 
 
+def _batch_sizes() -> tuple[float, float]:
+    """The metric of reads per statement: (statements, reads) so far."""
+    metric = "authgate_session_reads_per_statement"
+    return (REGISTRY.get_sample_value(f"{metric}_count") or 0.0,
+            REGISTRY.get_sample_value(f"{metric}_sum") or 0.0)
+
+
 async def test_sessions_read_at_once_come_back_each_with_its_user(core: Core, realm: Realm,
                                                                    statements: list[list[str]]):
     ann, ann_sessions = await _user_with_sessions(core, realm, 20)
@@ -181,6 +189,7 @@ async def test_sessions_read_at_once_come_back_each_with_its_user(core: Core, re
     # read with the others: they find nothing and fail nothing.
     strangers = ["no-such-session", "x" * 300, "nul\x00id"]
     wanted = [s.id for s in ann_sessions + bob_sessions] + strangers
+    before = _batch_sizes()
     found = await asyncio.gather(*(core.store.session_with_user(i) for i in wanted))
     for session_id, answer in zip(wanted, found):
         if session_id in strangers:
@@ -192,6 +201,8 @@ async def test_sessions_read_at_once_come_back_each_with_its_user(core: Core, re
         assert user.id == session.user_id == (ann.id if user.id == ann.id else bob.id)
         assert (session.revoked_at is not None) == (session_id == bob_sessions[0].id)
     assert len(statements) == 1 and set(statements[0]) == set(wanted)  # one statement
+    # Operators see how many reads share a statement.
+    assert _batch_sizes() == (before[0] + 1, before[1] + len(wanted))
 
 
 async def test_a_session_revoked_before_the_read_is_seen_revoked(core: Core, realm: Realm):

@@ -69,6 +69,9 @@ PG_IDLE_SECONDS = 60.0
 GROUP_SIZES = Histogram("authgate_sqlite_group_commit_writes",
                         "Write transactions per SQLite commit (group commit)",
                         buckets=(1, 2, 4, 8, 16, 32))
+SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
+                               "Bearer requests' session reads answered by one statement",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 100))
 
 
 def _is_memory(url: str) -> bool:
@@ -592,6 +595,7 @@ class SqlStore:
         """One read for up to ``MAX_KEYS`` callers. A read whose connection was lost (its
         backend terminated, the socket reset) is sent once more, on another connection: it
         changes nothing, and every caller in it would otherwise fail with the one connection."""
+        SESSION_READ_SIZES.observe(len(session_ids))
         try:
             async with self.transaction() as tx:
                 return await tx.sessions.many_with_user(session_ids)
