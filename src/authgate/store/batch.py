@@ -73,7 +73,8 @@ class BatchedReads(Generic[K, V]):
             return
         if len(found) != len(waiting):  # a read that broke its contract fails its callers
             found = [None] * len(waiting)
-            error: Exception | None = RuntimeError("the batched read did not give one value per key")
+            error: Exception | None = RuntimeError(
+                "the batched read did not give one value per key")
         else:
             error = None
         for (_, waiter), value in zip(waiting, found):
