@@ -388,7 +388,7 @@ async def test_batched_session_reads_read_each_row_by_its_key(backend: str, tmp_
     database caches it, on tables not yet analysed, finds each listed session by its key and
     its user by its key: nothing that grows with the sessions a user holds. Left to its
     estimates, PostgreSQL had planned it from the users through ``ix_sessions_user_id``."""
-    from authgate.store.repositories import _sessions_with_users
+    from authgate.store.repositories import _session_with_user, _sessions_with_users
 
     async with _never_analysed(backend, tmp_path, ("users", "sessions")) as (store, realm, user):
         async with store.transaction(write=True) as tx:
@@ -396,19 +396,49 @@ async def test_batched_session_reads_read_each_row_by_its_key(backend: str, tmp_
                 await tx.sessions.add(a_session(realm, user))
         async with store.transaction() as tx:
             raw = tx.conn._raw
-            compiled = _sessions_with_users(not store.is_sqlite).compile(dialect=tx.conn.dialect)
+            many = _sessions_with_users(not store.is_sqlite).compile(dialect=tx.conn.dialect)
+            one = _session_with_user().compile(dialect=tx.conn.dialect)
             if store.is_sqlite:
-                plan = [row[-1] for row in raw.execute(
-                    "EXPLAIN QUERY PLAN " + compiled.string, ['["a", "b"]'])]
-                assert [step.split()[:2] for step in plan] == [
-                    ["SCAN", "anon_2"], ["SEARCH", "sessions"], ["SEARCH", "users"]], plan
-                assert not any("ix_" in step for step in plan), plan
+                plans = [[row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + sql, [arg])]
+                         for sql, arg in ((many.string, '["a", "b"]'), (one.string, "a"))]
+                assert [step.split()[:2] for step in plans[0]] == [
+                    ["SCAN", "anon_2"], ["SEARCH", "sessions"], ["SEARCH", "users"]], plans
+                assert [step.split()[:2] for step in plans[1]] == [
+                    ["SEARCH", "sessions"], ["SEARCH", "users"]], plans
+                assert not any("ix_" in step for plan in plans for step in plan), plans
                 return
-            text_plan = await _pg_generic_plan(raw, compiled.string,
-                                               "NULL::TEXT[], NULL::INTEGER, NULL::INTEGER")
-    assert "pk_sessions" in text_plan, text_plan
-    assert "Seq Scan on sessions" not in text_plan and "ix_sessions_user_id" not in text_plan, \
-        text_plan
+            text_plans = [
+                await _pg_generic_plan(raw, many.string,
+                                       "NULL::TEXT[], NULL::INTEGER, NULL::INTEGER"),
+                await _pg_generic_plan(raw, one.string, "NULL::VARCHAR")]
+    for text_plan in text_plans:
+        assert "pk_sessions" in text_plan, text_plan
+        assert "Seq Scan on sessions" not in text_plan, text_plan
+        assert "ix_sessions_user_id" not in text_plan, text_plan
+
+
+async def test_bearer_reads_one_at_a_time_are_not_planned_each_time(tmp_path: Path):
+    """PostgreSQL plans a prepared statement for its values five times, then keeps its general
+    plan unless planning for the values looks cheaper. For the batched read given one id it
+    always did (~90 µs of planning a read); one id alone is read by a statement whose general
+    plan PostgreSQL keeps."""
+    async with _never_analysed("postgres", tmp_path, ()) as (store, realm, user):
+        sessions = [a_session(realm, user) for _ in range(5)]
+        async with store.transaction(write=True) as tx:
+            for session in sessions:
+                await tx.sessions.add(session)
+        for _ in range(6):
+            for session in sessions:  # one at a time: batches of one
+                found = await store.session_with_user(session.id)
+                assert found is not None and found[0].id == session.id
+        async with store.transaction() as tx:  # the same (kept) connection
+            prepared = (await tx.conn.execute(text(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE '%FROM sessions%' OR statement LIKE '%unnest%'")))
+    prepared = [tuple(row) for row in prepared if "pg_prepared_statements" not in row[0]]
+    assert prepared, "no session read was prepared on the connection"
+    for statement, generic, custom in prepared:
+        assert custom <= 5 and generic >= 25, (statement[:80], generic, custom)
 
 
 def _pg_type(compiled: object, name: str) -> str:
