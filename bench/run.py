@@ -241,9 +241,9 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
             add("trivial", wrk(server.url + "/healthz", seconds=seconds, connections=conns,
                                threads=threads))
             # One connection per wrk thread, so each thread's Lua state owns one token (chain);
-            # their baseline has the same shape. A token of its own per connection: reads of
-            # the same session by several connections at once would be read once
-            # (store/batch.py) and flatter the figure.
+            # their baseline has the same shape. A token of its own per connection, as
+            # distinct clients have: one token for all would read one session, hot in every
+            # cache, many times in each batched statement (store/batch.py).
             add("trivial_1conn_per_thread", wrk(server.url + "/healthz", seconds=seconds,
                                                 connections=conns, threads=conns))
             add("userinfo", wrk(server.url + "/userinfo", seconds=seconds, connections=conns,
