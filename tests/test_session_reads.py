@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from authgate.store.repositories import SessionRepo
 from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
 from tests.conftest import test_settings as settings_for
 from tests.test_native_api import bearer, signed_in
+from tests.test_store import a_session, a_user
 
 
 class Reads:
@@ -145,12 +145,10 @@ async def test_a_read_that_answers_the_wrong_number_of_keys_fails_its_callers():
 
 # The store, on both backends.
 
-async def _user_with_sessions(core: Core, realm: Realm, count: int) -> tuple[User, list[Session]]:
-    user = User(id=new_id(), realm_id=realm.id, email=f"{new_id()}@example.com")
-    now = utcnow()
-    sessions = [Session(id=new_id(), realm_id=realm.id, user_id=user.id, amr=["pwd"],
-                        created_at=now, last_used_at=now, expires_at=now + timedelta(hours=1))
-                for _ in range(count)]
+async def _user_with_sessions(core: Core, realm: Realm,
+                              count: int) -> tuple[User, list[Session]]:
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    sessions = [a_session(realm, user) for _ in range(count)]
     async with core.store.transaction(write=True) as tx:
         await tx.users.add(user)
         for session in sessions:
