@@ -115,6 +115,35 @@ def wrk(url: str, *, seconds: int, connections: int, threads: int, script: Path 
     return parse_wrk(result.stdout)
 
 
+def lines_file(path: Path, lines: list[str]) -> Path:
+    """A file of one line each (tokens, e-mails) for the Lua scripts' ``own_line``."""
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def figure_load(base: str, figure: str, *, seconds: int, connections: int,
+                lines: Path | None = None) -> Load:
+    """A figure's wrk load, in the shape every tool here measures it in: one connection per wrk
+    thread, so each thread's Lua state owns one line of ``lines`` (a refresh token's chain, an
+    access token, a user's e-mail); "trivial" is the baseline in that same shape. A token of
+    its own per connection, as distinct clients have: one token for all would read one
+    session, hot in every cache, many times in each batched statement (store/batch.py)."""
+    shape = {"seconds": seconds, "connections": connections, "threads": connections}
+    if figure == "trivial":
+        return wrk(base + "/healthz", **shape)
+    assert lines is not None
+    if figure == "userinfo":
+        return wrk(base + "/userinfo", **shape, script=LUA / "bearers.lua",
+                   env={"AUTHGATE_BENCH_TOKENS": str(lines)})
+    if figure == "refresh":
+        return wrk(base + "/oauth/token", **shape, script=LUA / "refresh.lua",
+                   env={"AUTHGATE_BENCH_TOKENS": str(lines)})
+    if figure == "signin":
+        return wrk(base + "/oauth/token", **shape, script=LUA / "signin.lua",
+                   env={"AUTHGATE_BENCH_EMAILS": str(lines), "AUTHGATE_BENCH_PASSWORD": PASSWORD})
+    raise ValueError(f"unknown figure {figure!r}")
+
+
 class Server:
     """``uvicorn authgate.asgi:app`` on a free port; ``wrapper`` runs it under another program
     (``instructions.py``: valgrind)."""
@@ -221,9 +250,8 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
         threads = min(conns, args.wrk_threads)
         email = signup(server.url)
         # A user per sign-in connection: concurrent sign-ins come from different users.
-        emails_file = data_dir / "sign-in-emails.txt"
-        emails_file.write_text("\n".join(signup(server.url)
-                                         for _ in range(args.signin_connections)) + "\n")
+        emails_file = lines_file(data_dir / "sign-in-emails.txt",
+                                 [signup(server.url) for _ in range(args.signin_connections)])
         results: dict[str, list[Load]] = {}
         argon2: list[float] = []
 
@@ -233,32 +261,21 @@ def measure(store: str, args: argparse.Namespace) -> dict[str, object]:
         for _ in range(args.rounds):
             # A new session per connection each round: a rotated chain cannot be replayed.
             refresh_tokens, access = sign_in(server.url, email, conns)
-            token_file = data_dir / "refresh-tokens.txt"
-            token_file.write_text("\n".join(refresh_tokens) + "\n")
-            access_file = data_dir / "access-tokens.txt"
-            access_file.write_text("\n".join(access) + "\n")
+            token_file = lines_file(data_dir / "refresh-tokens.txt", refresh_tokens)
+            access_file = lines_file(data_dir / "access-tokens.txt", access)
 
             add("trivial", wrk(server.url + "/healthz", seconds=seconds, connections=conns,
                                threads=threads))
-            # One connection per wrk thread, so each thread's Lua state owns one token (chain);
-            # their baseline has the same shape. A token of its own per connection, as
-            # distinct clients have: one token for all would read one session, hot in every
-            # cache, many times in each batched statement (store/batch.py).
-            add("trivial_1conn_per_thread", wrk(server.url + "/healthz", seconds=seconds,
-                                                connections=conns, threads=conns))
-            add("userinfo", wrk(server.url + "/userinfo", seconds=seconds, connections=conns,
-                                threads=conns, script=LUA / "bearers.lua",
-                                env={"AUTHGATE_BENCH_TOKENS": str(access_file)}))
-            add("refresh", wrk(server.url + "/oauth/token", seconds=seconds,
-                               connections=conns, threads=conns, script=LUA / "refresh.lua",
-                               env={"AUTHGATE_BENCH_TOKENS": str(token_file)}))
+            add("trivial_1conn_per_thread", figure_load(server.url, "trivial", seconds=seconds,
+                                                        connections=conns))
+            add("userinfo", figure_load(server.url, "userinfo", seconds=seconds,
+                                        connections=conns, lines=access_file))
+            add("refresh", figure_load(server.url, "refresh", seconds=seconds,
+                                       connections=conns, lines=token_file))
             # Password sign-ins beside the raw Argon2id rate, both saturating the same cores.
             argon2.append(argon2_rate(seconds, os.cpu_count() or 2))
-            add("signin", wrk(server.url + "/oauth/token", seconds=seconds,
-                              connections=args.signin_connections,
-                              threads=args.signin_connections, script=LUA / "signin.lua",
-                              env={"AUTHGATE_BENCH_EMAILS": str(emails_file),
-                                   "AUTHGATE_BENCH_PASSWORD": PASSWORD}))
+            add("signin", figure_load(server.url, "signin", seconds=seconds,
+                                      connections=args.signin_connections, lines=emails_file))
         return {"store": store, "loads": results, "argon2": argon2}
     finally:
         server.stop()

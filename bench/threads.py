@@ -46,29 +46,19 @@ def _thread_cpu() -> dict[tuple[str, str, str], float]:
 
 def _prepare(server: run.Server, figure: str, seconds: int,
              data_dir: Path) -> Callable[[], run.Load]:
-    """The figure's wrk load, with its sessions made beforehand (outside the measurement)."""
-    email = run.signup(server.url)
-    tokens, access = run.sign_in(server.url, email, 16)
-    if figure == "refresh":
-        token_file = data_dir / "refresh-tokens.txt"
-        token_file.write_text("\n".join(tokens) + "\n")
-        return lambda: run.wrk(server.url + "/oauth/token", seconds=seconds, connections=16,
-                               threads=16, script=run.LUA / "refresh.lua",
-                               env={"AUTHGATE_BENCH_TOKENS": str(token_file)})
-    if figure == "signin":  # as run.py: 8 connections, a user each
-        emails = data_dir / "sign-in-emails.txt"
-        emails.write_text("\n".join(run.signup(server.url) for _ in range(8)) + "\n")
-        return lambda: run.wrk(server.url + "/oauth/token", seconds=seconds, connections=8,
-                               threads=8, script=run.LUA / "signin.lua",
-                               env={"AUTHGATE_BENCH_EMAILS": str(emails),
-                                    "AUTHGATE_BENCH_PASSWORD": run.PASSWORD})
-    if figure == "userinfo":  # as run.py: a session of its own per connection
-        token_file = data_dir / "access-tokens.txt"
-        token_file.write_text("\n".join(access) + "\n")
-        return lambda: run.wrk(server.url + "/userinfo", seconds=seconds, connections=16,
-                               threads=16, script=run.LUA / "bearers.lua",
-                               env={"AUTHGATE_BENCH_TOKENS": str(token_file)})
-    return lambda: run.wrk(server.url + "/healthz", seconds=seconds, connections=16, threads=16)
+    """The figure's wrk load as run.py runs it, with its sessions made beforehand (outside the
+    measurement): 16 connections, 8 for sign-ins (a user each)."""
+    lines = None
+    if figure in ("refresh", "userinfo"):
+        refresh_tokens, access = run.sign_in(server.url, run.signup(server.url), 16)
+        lines = run.lines_file(data_dir / f"{figure}-tokens.txt",
+                               refresh_tokens if figure == "refresh" else access)
+    elif figure == "signin":
+        lines = run.lines_file(data_dir / "sign-in-emails.txt",
+                               [run.signup(server.url) for _ in range(8)])
+    connections = 8 if figure == "signin" else 16
+    return lambda: run.figure_load(server.url, figure, seconds=seconds, connections=connections,
+                                   lines=lines)
 
 
 def measure(store: str, figure: str, seconds: int) -> list[str]:
