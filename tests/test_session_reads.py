@@ -16,7 +16,7 @@ from authgate.api.app import build_core
 from authgate.core.engine import Core
 from authgate.core.models import Realm, Session, User, utcnow
 from authgate.crypto.tokens import new_id
-from authgate.store.batch import BatchedReads
+from authgate.store.batch import Batched
 from authgate.store.repositories import SessionRepo
 from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
 from tests.conftest import test_settings as settings_for
@@ -42,7 +42,7 @@ class Reads:
 
 async def test_reads_asked_for_at_once_are_one_read_each_caller_its_own_answer():
     reads = Reads()
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     answers = await asyncio.gather(*(batched.get(key) for key in
                                      ["a", "b", "a", "missing-c", "d"]))
     assert answers == ["A", "B", "A", None, "D"]
@@ -51,7 +51,7 @@ async def test_reads_asked_for_at_once_are_one_read_each_caller_its_own_answer()
 
 async def test_reads_asked_for_one_after_another_are_separate_reads():
     reads = Reads()
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     assert await batched.get("a") == "A"
     assert await batched.get("b") == "B"
     assert reads.calls == [["a"], ["b"]]
@@ -59,7 +59,7 @@ async def test_reads_asked_for_one_after_another_are_separate_reads():
 
 async def test_more_callers_than_the_limit_start_another_read():
     reads = Reads()
-    batched = BatchedReads(reads, limit=3)
+    batched = Batched(reads, limit=3)
     keys = [f"k{i}" for i in range(7)]
     assert await asyncio.gather(*(batched.get(key) for key in keys)) == \
         [key.upper() for key in keys]
@@ -68,7 +68,7 @@ async def test_more_callers_than_the_limit_start_another_read():
 
 async def test_a_failed_read_fails_each_of_its_callers_and_not_the_next_read():
     reads = Reads(fail=RuntimeError("the database is gone"))
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     results = await asyncio.gather(batched.get("a"), batched.get("b"), return_exceptions=True)
     assert [str(result) for result in results] == ["the database is gone"] * 2
     reads.fail = None
@@ -77,7 +77,7 @@ async def test_a_failed_read_fails_each_of_its_callers_and_not_the_next_read():
 
 async def test_a_caller_that_gives_up_does_not_disturb_the_others():
     reads = Reads(delay=0.05)
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     leaving = asyncio.ensure_future(batched.get("a"))
     staying = asyncio.ensure_future(batched.get("b"))
     await asyncio.sleep(0.01)  # the read is on its way
@@ -96,7 +96,7 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others():
 
 async def test_closing_waits_for_the_reads_asked_for_sent_or_not():
     reads = Reads(delay=0.05)
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     sent = asyncio.ensure_future(batched.get("a"))
     for _ in range(10):  # a few turns of the loop: the caller asks, the read is sent
         await asyncio.sleep(0)
@@ -113,7 +113,7 @@ async def test_closing_waits_for_the_reads_asked_for_sent_or_not():
 
 async def test_giving_up_on_closing_cancels_no_callers_read():
     reads = Reads(delay=0.1)
-    batched = BatchedReads(reads)
+    batched = Batched(reads)
     caller = asyncio.ensure_future(batched.get("a"))
     for _ in range(10):
         await asyncio.sleep(0)
@@ -126,7 +126,7 @@ async def test_callers_of_the_same_key_each_get_a_value_of_their_own():
     async def read(keys: list[str]) -> list[list[str]]:
         return [[key] for key in keys]
 
-    batched = BatchedReads(read)
+    batched = Batched(read)
     first, second, other = await asyncio.gather(batched.get("a"), batched.get("a"),
                                                 batched.get("b"))
     assert first == second == ["a"] and other == ["b"]
@@ -138,7 +138,7 @@ async def test_a_read_that_answers_the_wrong_number_of_keys_fails_its_callers():
     async def read(keys: list[str]) -> list[str]:
         return ["only one"]
 
-    batched = BatchedReads(read)
+    batched = Batched(read)
     results = await asyncio.gather(batched.get("a"), batched.get("b"), return_exceptions=True)
     assert all(isinstance(result, RuntimeError) for result in results)
 

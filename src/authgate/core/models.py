@@ -281,6 +281,24 @@ class AuditEvent:
     id: int | None = None
 
 
+@dataclass(slots=True, eq=False)
+class Rotation:
+    """A refresh token's rotation, as the core asks the store to carry it out
+    (``RefreshTokenRepo.rotate_live``): the token by its hash, its successor as made by the
+    core, and the event to record. Compared by identity: two rotations of one token are two
+    requests."""
+    token_hash: str
+    realm_id: str
+    now: datetime
+    successor_id: str
+    successor_hash: str
+    successor_expires_at: datetime
+    successor_enc: bytes
+    touch_before: datetime
+    event: AuditEvent
+    client_id: str | None = None
+
+
 @dataclass(slots=True)
 class OutboxMail:
     id: str

@@ -25,6 +25,7 @@ from authgate.core.models import (
     ReauthToken,
     Realm,
     RefreshToken,
+    Rotation,
     Session,
     SigningKey,
     ThrottleState,
@@ -156,19 +157,23 @@ class RefreshTokenRepo(Protocol):
                            successor_enc: bytes) -> bool:
         """Compare-and-set: True only for the one caller that rotated an unrotated token."""
         ...
-    async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
-                          successor_id: str, successor_hash: str, successor_expires_at: datetime,
-                          successor_enc: bytes, touch_before: datetime, event: AuditEvent,
-                          client_id: str | None = None) -> tuple[Session, User] | None:
+    async def rotate_live(self, rotation: Rotation) -> tuple[Session, User] | None:
         """Rotate a live token in one atomic step, or change nothing and return None.
 
-        Live: the token is neither rotated nor expired, its session belongs to ``realm_id`` and
-        is neither revoked nor expired, and its user is active. Then, all at once: the successor
-        is stored in the token's session (expiring no later than the session), the token is
-        marked rotated with ``successor_enc``, the session's last use becomes ``now`` if it was
-        before ``touch_before``, and ``event`` is recorded for the session and its user.
-        Returns the session and user as they were read. A store may run this alone, outside a
-        transaction (``Store.transaction(single=True)``)."""
+        Live: the token is neither rotated nor expired, its session belongs to the rotation's
+        realm, was issued to its ``client_id`` (when both name one) and is neither revoked
+        nor expired, and its user is active. Then, all at once: the successor is stored in the
+        token's session (expiring no later than the session), the token is marked rotated with
+        ``successor_enc``, the session's last use becomes ``now`` if it was before
+        ``touch_before``, and the event is recorded for the session and its user. Returns the
+        session and user as they were read. A store may run this alone, outside a transaction
+        (``Store.transaction(single=True)``)."""
+        ...
+    async def rotate_live_many(self, rotations: Sequence[Rotation]
+                               ) -> list[tuple[Session, User] | None]:
+        """``rotate_live`` of each, in order, each atomic by itself; a store may run them as
+        one statement. Of rotations of one token, only the first is carried out (the others
+        change nothing and find None, as they would after it)."""
         ...
 
 
@@ -293,5 +298,9 @@ class Store(Protocol):
     async def session_with_user(self, session_id: str) -> tuple[Session, User] | None:
         """A session and its user, read outside any transaction of the caller's; the store
         may read them with other such calls made at the same moment."""
+    async def rotate_live(self, rotation: Rotation) -> tuple[Session, User] | None:
+        """``RefreshTokenRepo.rotate_live`` outside any transaction of the caller's: the store
+        may carry it out with other such calls made at the same moment, each still all or
+        nothing by itself."""
     async def ping(self) -> None: ...
     async def close(self) -> None: ...

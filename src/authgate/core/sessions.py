@@ -19,7 +19,7 @@ import orjson
 from authgate.core import audit as events
 from authgate.core import scopes
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Realm, RefreshToken, Session, User
+from authgate.core.models import ClientInfo, Realm, RefreshToken, Rotation, Session, User
 from authgate.core.ports import StaleUser
 from authgate.crypto.secretbox import DecryptionError
 from authgate.crypto.tokens import digest, new_id, new_token
@@ -243,25 +243,37 @@ class Sessions:
                            client_id: str | None) -> tuple[Session, User, str] | None:
         """The common case in one store call: a live token, rotated. None when any check fails
         (nothing changed then): ``_rotate`` finds out what to answer."""
-        async with self.core.store.transaction(write=True, single=True) as tx:
-            return await self._rotate_in(tx, realm, digest(raw), client, client_id)
+        rotation, successor_raw = self._rotation(realm, digest(raw), client, client_id)
+        return self._rotated(await self.core.store.rotate_live(rotation), rotation,
+                             successor_raw)
 
     async def _rotate_in(self, tx: Any, realm: Realm, token_hash: str,
                          client: ClientInfo | None,
                          client_id: str | None) -> tuple[Session, User, str] | None:
+        rotation, successor_raw = self._rotation(realm, token_hash, client, client_id)
+        return self._rotated(await tx.refresh_tokens.rotate_live(rotation), rotation,
+                             successor_raw)
+
+    def _rotation(self, realm: Realm, token_hash: str, client: ClientInfo | None,
+                  client_id: str | None) -> tuple[Rotation, str]:
+        """The rotation of the token whose hash is ``token_hash``, and its successor's raw
+        value, kept encrypted on its parent for the grace window."""
         now = self.core.now()
         successor_raw = new_token(32)
-        event = self.core.audit.event(events.REFRESHED, realm_id=realm.id, client=client)
-        found = await tx.refresh_tokens.rotate_live(
-            token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
+        return Rotation(
+            token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
             successor_hash=digest(successor_raw),
             successor_expires_at=now + timedelta(seconds=self.core.settings.refresh_token_ttl),
-            # Kept encrypted on its parent, for the grace window.
             successor_enc=self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token_hash),
-            touch_before=now - TOUCH_INTERVAL, event=event, client_id=client_id)
+            touch_before=now - TOUCH_INTERVAL, client_id=client_id,
+            event=self.core.audit.event(events.REFRESHED, realm_id=realm.id, client=client),
+        ), successor_raw
+
+    def _rotated(self, found: tuple[Session, User] | None, rotation: Rotation,
+                 successor_raw: str) -> tuple[Session, User, str] | None:
         if found is None:
             return None
-        self.core.audit.counted(event)
+        self.core.audit.counted(rotation.event)
         return *found, successor_raw
 
     async def _rotate(self, realm: Realm, raw: str, client: ClientInfo | None,

@@ -1,12 +1,13 @@
-"""Reads of one kind asked for at once, answered by one statement.
+"""Calls of one kind asked for at once, answered by one statement.
 
-Every bearer request reads its session to know it is still live. On PostgreSQL each read is a
-round trip, and under load the round trip costs the event loop far more than the row: a send
-that wakes a backend, a reply to parse, a connection taken and kept, a task woken; on SQLite
-a statement's own cost (its WAL read lock, its cursor) is still most of a one-row read. Reads
-asked for in the same turn of the event loop go out together when the loop next runs its
-callbacks, as one statement for all their keys. Nothing is cached: each read is sent after
-its caller asked for it, so it sees everything committed before, as a read of its own would.
+Every bearer request reads its session to know it is still live, and every refresh rotates its
+token. On PostgreSQL each is a round trip, and under load the round trip costs the event loop
+far more than the row: a send that wakes a backend, a reply to parse, a connection taken and
+kept, a task woken; on SQLite a statement's own cost (its WAL read lock, its cursor) is still
+most of a one-row read. Calls asked for in the same turn of the event loop go out together
+when the loop next runs its callbacks, as one statement for all their keys. Nothing is cached:
+each call is sent after its caller asked for it, so it sees everything committed before, as a
+statement of its own would.
 """
 
 from __future__ import annotations
@@ -22,18 +23,29 @@ V = TypeVar("V")
 MAX_KEYS = 100  # callers in one statement; more start another
 
 
-class BatchedReads(Generic[K, V]):
-    """``await get(key)``: what ``read`` gives for ``key``, read with the keys of every other
-    ``get`` of the same turn of the loop. ``read`` gives one value (or None) per key, in
-    order; a key asked for twice is given to it twice, so every caller gets a value of its
-    own, which no other caller can change. A failed read fails each of its callers; a caller
-    that gives up does not disturb the others."""
+class Failed:
+    """What a batch gives for one caller whose call failed alone: that caller gets ``error``
+    raised, the others their values."""
 
-    __slots__ = ("_read", "_limit", "_pending", "_running")
+    __slots__ = ("error",)
 
-    def __init__(self, read: Callable[[list[K]], Awaitable[Sequence[V | None]]], *,
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class Batched(Generic[K, V]):
+    """``await get(key)``: what ``run`` gives for ``key``, run with the keys of every other
+    ``get`` of the same turn of the loop. ``run`` gives one value (or None, or ``Failed``) per
+    key, in order; a key asked for twice is given to it twice, so every caller gets a value of
+    its own, which no other caller can change. A failed run fails each of its callers; a caller
+    that gives up before its key is sent is left out of the run, and does not disturb the
+    others."""
+
+    __slots__ = ("_run", "_limit", "_pending", "_running")
+
+    def __init__(self, run: Callable[[list[K]], Awaitable[Sequence[V | Failed | None]]], *,
                  limit: int = MAX_KEYS) -> None:
-        self._read = read
+        self._run = run
         self._limit = limit
         self._pending: list[tuple[K, asyncio.Future[V | None]]] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -44,7 +56,7 @@ class BatchedReads(Generic[K, V]):
         pending = self._pending
         if pending is None or len(pending) >= self._limit:
             pending = self._pending = []
-            # In a context of its own: the read belongs to no one caller's request.
+            # In a context of its own: the run belongs to no one caller's request.
             loop.call_soon(self._send, pending, context=contextvars.Context())
         pending.append((key, waiter))
         return await waiter
@@ -61,7 +73,7 @@ class BatchedReads(Generic[K, V]):
         if not waiting:
             return
         try:
-            found = await self._read([key for key, _ in waiting])
+            found = await self._run([key for key, _ in waiting])
         except asyncio.CancelledError:
             for _, waiter in waiting:
                 waiter.cancel()
@@ -71,10 +83,10 @@ class BatchedReads(Generic[K, V]):
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
-        if len(found) != len(waiting):  # a read that broke its contract fails its callers
+        if len(found) != len(waiting):  # a run that broke its contract fails its callers
             found = [None] * len(waiting)
             error: Exception | None = RuntimeError(
-                "the batched read did not give one value per key")
+                "the batch did not give one value per key")
         else:
             error = None
         for (_, waiter), value in zip(waiting, found):
@@ -82,14 +94,16 @@ class BatchedReads(Generic[K, V]):
                 continue
             if error is not None:
                 waiter.set_exception(error)
+            elif isinstance(value, Failed):
+                waiter.set_exception(value.error)
             else:
                 waiter.set_result(value)
 
     async def close(self) -> None:
-        """Wait for the reads asked for so far: those already sent, and those the loop sends
+        """Wait for the calls asked for so far: those already sent, and those the loop sends
         on its next turn."""
         while self._pending is not None or self._running:
-            if self._running:  # asyncio.wait: giving up on close cancels no caller's read
+            if self._running:  # asyncio.wait: giving up on close cancels no caller's call
                 await asyncio.wait(set(self._running))
             else:
                 await asyncio.sleep(0)

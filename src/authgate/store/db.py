@@ -41,9 +41,9 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from authgate.core.models import Session, User
+from authgate.core.models import Rotation, Session, User
 from authgate.core.ports import StoreUnavailable
-from authgate.store.batch import BatchedReads
+from authgate.store.batch import Batched, Failed
 from authgate.store.fastexec import (
     connection_lost,
     init_asyncpg_connection,
@@ -72,6 +72,9 @@ GROUP_SIZES = Histogram("authgate_sqlite_group_commit_writes",
 SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
                                "Bearer requests' session reads answered by one statement",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 100))
+ROTATION_SIZES = Histogram("authgate_refresh_rotations_per_statement",
+                           "Refresh-token rotations carried out by one statement",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 100))
 
 
 def _is_memory(url: str) -> bool:
@@ -393,8 +396,11 @@ class SqlStore:
         self._pg_sweep: asyncio.TimerHandle | None = None
         self._pg_pool_lock = asyncio.Lock()
         # Bearer requests' session reads, sent together.
-        self._session_reads: BatchedReads[str, tuple[Session, User]] = BatchedReads(
+        self._session_reads: Batched[str, tuple[Session, User]] = Batched(
             self._sessions_with_users)
+        # Refreshes' rotations, sent together (PostgreSQL).
+        self._rotations: Batched[Rotation, tuple[Session, User]] = Batched(
+            self._rotate_many)
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
@@ -605,6 +611,43 @@ class SqlStore:
         async with self.transaction() as tx:
             return await tx.sessions.many_with_user(session_ids)
 
+    async def rotate_live(self, rotation: Rotation) -> tuple[Session, User] | None:
+        """A refresh's rotation. On PostgreSQL, with the other rotations asked for in the same
+        turn of the event loop, in one statement (``store/batch``); on SQLite, whose writes
+        already share their commit (the group commit), in a write transaction of its own."""
+        if self.round_trips:
+            return await self._rotations.get(rotation)
+        async with self.transaction(write=True, single=True) as tx:
+            return await tx.refresh_tokens.rotate_live(rotation)
+
+    async def _rotate_many(self, rotations: list[Rotation]
+                           ) -> list[tuple[Session, User] | Failed | None]:
+        """One statement for up to ``MAX_KEYS`` rotations, in autocommit: all of them or,
+        when it fails, none. A lost connection fails every caller (nothing is sent again: the
+        statement may have been carried out, and a client that tries again finds its token
+        rotated, within the grace window). A statement refused for its values (one caller's
+        text the database cannot keep, say) changed nothing either: each rotation is then
+        sent alone, so that only the caller it belongs to fails."""
+        ROTATION_SIZES.observe(len(rotations))
+        try:
+            async with self.transaction(write=True, single=True) as tx:
+                return list(await tx.refresh_tokens.rotate_live_many(rotations))
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - each alone; a failure of its own goes to its caller
+            if len(rotations) == 1:
+                raise
+        answers: list[tuple[Session, User] | Failed | None] = []
+        for rotation in rotations:
+            try:
+                async with self.transaction(write=True, single=True) as tx:
+                    answers.append(await tx.refresh_tokens.rotate_live(rotation))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this caller's own failure
+                answers.append(Failed(exc))
+        return answers
+
     async def ping(self) -> None:
         async with self.transaction() as tx:
             await tx.conn.execute(text("SELECT 1"))
@@ -614,6 +657,7 @@ class SqlStore:
         if self._pg_sweep is not None:
             self._pg_sweep.cancel()
         await self._session_reads.close()
+        await self._rotations.close()
         if self._pg_pool is not None:
             for connection in self._pg_idle.drain():
                 await self._pg_hand_back(connection)

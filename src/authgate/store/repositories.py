@@ -12,11 +12,14 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    LargeBinary,
     Table,
     Text,
     and_,
     bindparam,
     case,
+    cast,
+    column,
     delete,
     func,
     insert,
@@ -566,18 +569,16 @@ class RefreshTokenRepo(_Repo):
         return await self._cas("id", token_id, unset=("rotated_at",), rotated_at=at,
                                successor_id=successor_id, successor_enc=successor_enc) == 1
 
-    async def rotate_live(self, token_hash: str, *, realm_id: str, now: datetime,
-                          successor_id: str, successor_hash: str, successor_expires_at: datetime,
-                          successor_enc: bytes, touch_before: datetime, event: m.AuditEvent,
-                          client_id: str | None = None) -> tuple[m.Session, m.User] | None:
+    async def rotate_live(self, rotation: m.Rotation) -> tuple[m.Session, m.User] | None:
         """PostgreSQL: one statement (a guarded UPDATE and the writes that follow it as
         data-modifying CTEs), so one round trip in autocommit. Elsewhere: one guarded read,
         then the writes, inside the caller's write transaction."""
-        params = {"token_hash": token_hash, "realm_id": realm_id, "now": now,
-                  "client_id": client_id,
-                  "user_status": "active", "successor_id": successor_id,
-                  "successor_hash": successor_hash, "successor_expires_at": successor_expires_at,
-                  "successor_enc": successor_enc, "touch_before": touch_before,
+        r, event = rotation, rotation.event
+        params = {"token_hash": r.token_hash, "realm_id": r.realm_id, "now": r.now,
+                  "client_id": r.client_id, "user_status": "active",
+                  "successor_id": r.successor_id, "successor_hash": r.successor_hash,
+                  "successor_expires_at": r.successor_expires_at,
+                  "successor_enc": r.successor_enc, "touch_before": r.touch_before,
                   "event_type": event.type, "organisation_id": event.organisation_id,
                   "ip": event.ip, "user_agent": event.user_agent, "data": event.data}
         if self.conn.dialect.name == "postgresql":
@@ -591,30 +592,72 @@ class RefreshTokenRepo(_Repo):
         if row is None:
             return None
         token_id, (session, user) = row[0], _session_and_user(row[1:])
+        now = r.now
         await self.add(m.RefreshToken(
-            id=successor_id, session_id=session.id, token_hash=successor_hash, created_at=now,
-            expires_at=min(successor_expires_at, session.expires_at), parent_id=token_id))
-        if not await self.mark_rotated(token_id, now, successor_id, successor_enc):
+            id=r.successor_id, session_id=session.id, token_hash=r.successor_hash,
+            created_at=now, expires_at=min(r.successor_expires_at, session.expires_at),
+            parent_id=token_id))
+        if not await self.mark_rotated(token_id, now, r.successor_id, r.successor_enc):
             raise Conflict("refresh token rotated concurrently")  # the write lock prevents it
-        if session.last_used_at < touch_before:
+        if session.last_used_at < r.touch_before:
             await SessionRepo(self.conn).touch(session.id, now)
         event.user_id, event.session_id = user.id, session.id
         await AuditRepo(self.conn).add(event)
         return session, user
 
+    async def rotate_live_many(self, rotations: Sequence[m.Rotation]
+                               ) -> list[tuple[m.Session, m.User] | None]:
+        """PostgreSQL, for several: one statement whatever their number, the rotations'
+        values travelling as one list parameter each (``_rotations``). They are sent in the
+        order of their tokens' hashes, the order in which the statement locks the tokens, so
+        two such statements never wait for each other in a cycle. Elsewhere, or for one: each
+        by ``rotate_live``, in the caller's transaction."""
+        answers: list[tuple[m.Session, m.User] | None] = [None] * len(rotations)
+        first: dict[str, int] = {}  # a token's first rotation; the others find it rotated
+        for at, rotation in enumerate(rotations):
+            first.setdefault(rotation.token_hash, at)
+        if len(first) == 1 or self.conn.dialect.name != "postgresql":
+            for at in sorted(first.values()):
+                answers[at] = await self.rotate_live(rotations[at])
+            return answers
+        sent = sorted(first.values(), key=lambda at: rotations[at].token_hash)
+        params: dict[str, Any] = {name: [] for name, _ in _ROTATION_VALUES}
+        params["user_status"] = "active"
+        for at in sent:
+            r, event = rotations[at], rotations[at].event
+            for name, value in (
+                    ("token_hash", r.token_hash), ("realm_id", r.realm_id),
+                    ("client_id", r.client_id), ("now", r.now),
+                    ("touch_before", r.touch_before), ("successor_id", r.successor_id),
+                    ("successor_hash", r.successor_hash),
+                    ("successor_expires_at", r.successor_expires_at),
+                    ("successor_enc", r.successor_enc), ("event_type", event.type),
+                    ("organisation_id", event.organisation_id), ("ip", event.ip),
+                    ("user_agent", event.user_agent), ("data", json_text(event.data))):
+                params[name].append(value)
+        statement = _statement(("rotate_live", "many"), _rotations)
+        for row in await self.conn.execute(statement, params):
+            answers[sent[row[0] - 1]] = _session_and_user(row[1:])
+        return answers
+
 
 def _live_token(rt: Any = t.refresh_tokens.c, s: Any = t.sessions.c,
-                u: Any = t.users.c) -> Any:
+                u: Any = t.users.c, asked: Any = None) -> Any:
     """The refresh token named by ``token_hash`` is live: not rotated, not expired, its session
     in ``realm_id`` neither revoked nor expired and issued to ``client_id`` (when both name
-    one), its user active. ``rt``, ``s`` and ``u``: the columns the rows are read from."""
-    now = bindparam("now", type_=t.UTCDateTime())
+    one), its user active. ``rt``, ``s`` and ``u``: the columns the rows are read from;
+    ``asked``: the columns ``token_hash``, ``realm_id``, ``client_id`` and ``now`` are read
+    from (a list of rotations), else they are bound parameters."""
+    if asked is None:
+        asked = {"now": bindparam("now", type_=t.UTCDateTime()),
+                 "client_id": bindparam("client_id", type_=s.client_id.type),
+                 "token_hash": bindparam("token_hash"), "realm_id": bindparam("realm_id")}
+    now = asked["now"]
     # client_id NULL: coalesce makes the comparison true.
     same_client = or_(s.client_id.is_(None),
-                      s.client_id == func.coalesce(bindparam("client_id", type_=s.client_id.type),
-                                                   s.client_id))
-    return and_(rt.token_hash == bindparam("token_hash"), rt.rotated_at.is_(None),
-                rt.expires_at > now, s.id == rt.session_id, s.realm_id == bindparam("realm_id"),
+                      s.client_id == func.coalesce(asked["client_id"], s.client_id))
+    return and_(rt.token_hash == asked["token_hash"], rt.rotated_at.is_(None),
+                rt.expires_at > now, s.id == rt.session_id, s.realm_id == asked["realm_id"],
                 s.revoked_at.is_(None), s.expires_at > now, same_client, u.id == s.user_id,
                 u.status == bindparam("user_status"))
 
@@ -678,6 +721,69 @@ def _rotate_live_cte() -> Any:
                param("data", a.c.data)),
     ).cte("audited")
     return select(*rotated.c).add_cte(successor, touched, audited)
+
+
+# A list of rotations as ``RefreshTokenRepo.rotate_live_many`` sends it: one list parameter
+# of each name, the n-th rotation the n-th value of each (the event's JSON data as text).
+_ROTATION_VALUES = (
+    ("token_hash", Text()), ("realm_id", Text()), ("client_id", Text()),
+    ("now", t.UTCDateTime()), ("touch_before", t.UTCDateTime()), ("successor_id", Text()),
+    ("successor_hash", Text()), ("successor_expires_at", t.UTCDateTime()),
+    ("successor_enc", LargeBinary()), ("event_type", Text()), ("organisation_id", Text()),
+    ("ip", Text()), ("user_agent", Text()), ("data", Text()))
+
+
+def _rotations() -> Any:
+    """``_rotate_live_cte`` for a list of rotations, in one PostgreSQL statement: each row of
+    the list (``asked``, numbered ``n`` from 1) rotates its token as the one-token statement
+    does, and the statement returns ``n`` and the session and user of each rotated token.
+
+    Each token is locked as it is found, in the list's order (FOR UPDATE, then checked live):
+    two statements listing the same tokens lock them in the same order (the repository sends
+    them ordered by hash), and a token another statement rotated meanwhile is found rotated.
+    Then the token, its session and its user are each read by their keys (``_by_key``)."""
+    rt, s, u, a = t.refresh_tokens, t.sessions, t.users, t.audit_events
+    asked = func.unnest(*(bindparam(name, type_=ARRAY(type_))
+                          for name, type_ in _ROTATION_VALUES)).table_valued(
+        *(column(name, type_) for name, type_ in _ROTATION_VALUES),
+        with_ordinality="n").render_derived()
+    found = (select(rt).where(rt.c.token_hash == asked.c.token_hash).offset(0)
+             .with_for_update().lateral("found"))
+    session = _by_key(s, found.c.session_id, "found_session")
+    user = _by_key(u, session.c.user_id, "found_user")
+    live = (select(asked.c.n, found.c.id.label("token_id"),
+                   *(asked.c[name] for name, _ in _ROTATION_VALUES),
+                   *(session.c[c.name].label(f"s_{c.name}") for c in s.c),
+                   *(user.c[c.name].label(f"u_{c.name}") for c in u.c))
+            .select_from(asked.join(found, true()).join(session, true()).join(user, true()))
+            .where(_live_token(found.c, session.c, user.c, asked.c))
+            .cte("live").prefix_with("MATERIALIZED"))
+    rotated = (
+        update(rt).where(rt.c.id == live.c.token_id, rt.c.rotated_at.is_(None))
+        .values(rotated_at=live.c.now, successor_id=live.c.successor_id,
+                successor_enc=live.c.successor_enc)
+        .returning(*live.c)
+        .cte("rotated"))
+    successor = insert(rt).from_select(
+        ["id", "session_id", "token_hash", "parent_id", "created_at", "expires_at"],
+        select(rotated.c.successor_id, rotated.c.s_id, rotated.c.successor_hash,
+               rotated.c.token_id, rotated.c.now,
+               func.least(rotated.c.successor_expires_at, rotated.c.s_expires_at,
+                          type_=rt.c.expires_at.type)),
+    ).cte("successor")
+    touched = (update(s).where(s.c.id == rotated.c.s_id,
+                               s.c.last_used_at < rotated.c.touch_before)
+               .values(last_used_at=rotated.c.now).cte("touched"))
+    audited = insert(a).from_select(
+        ["realm_id", "at", "type", "user_id", "session_id", "organisation_id", "ip",
+         "user_agent", "data"],
+        select(rotated.c.realm_id, rotated.c.now, rotated.c.event_type, rotated.c.u_id,
+               rotated.c.s_id, rotated.c.organisation_id, rotated.c.ip, rotated.c.user_agent,
+               cast(rotated.c.data, a.c.data.type)),
+    ).cte("audited")
+    returned = [rotated.c.n, *(rotated.c[f"s_{c.name}"] for c in s.c),
+                *(rotated.c[f"u_{c.name}"] for c in u.c)]
+    return select(*returned).add_cte(successor, touched, audited)
 
 
 def _open_session_cte() -> Any:

@@ -1,0 +1,247 @@
+"""Refreshes' rotations asked for at once: on PostgreSQL one statement for all of them
+(store/batch.py, ``RefreshTokenRepo.rotate_live_many``); each still all or nothing by itself,
+each caller with its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY
+
+from authgate.api.app import build_core
+from authgate.core.engine import Core
+from authgate.core.models import Realm, RefreshToken, Rotation, utcnow
+from authgate.core.ports import StoreUnavailable
+from authgate.crypto.tokens import digest, new_id, new_token
+from authgate.store.repositories import RefreshTokenRepo
+from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
+from tests.conftest import test_settings as settings_for
+from tests.test_native_api import signed_in
+from tests.test_store import _live_token
+
+
+def _rotation(core: Core, realm: Realm, token_hash: str, **event: Any) -> Rotation:
+    now = utcnow()
+    return Rotation(token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
+                    successor_hash=digest(new_token()),
+                    successor_expires_at=now + timedelta(days=30),
+                    successor_enc=b"sealed " + token_hash.encode(),
+                    touch_before=now - timedelta(minutes=1),
+                    event=core.audit.event("session.refreshed", realm_id=realm.id, **event))
+
+
+async def _many(core: Core, rotations: list[Rotation]) -> list[Any]:
+    async with core.store.transaction(write=True, single=True) as tx:
+        return await tx.refresh_tokens.rotate_live_many(rotations)
+
+
+def _rotation_sizes() -> tuple[float, float]:
+    """The metric of rotations per statement: (statements, rotations) so far."""
+    metric = "authgate_refresh_rotations_per_statement"
+    return (REGISTRY.get_sample_value(f"{metric}_count") or 0.0,
+            REGISTRY.get_sample_value(f"{metric}_sum") or 0.0)
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many rotations each list the store sends holds."""
+    sent: list[int] = []
+    real = RefreshTokenRepo.rotate_live_many  # counted, then run as it is
+
+    async def counted(self: RefreshTokenRepo, rotations: list[Rotation]) -> Any:
+        sent.append(len(rotations))
+        return await real(self, rotations)
+
+    monkeypatch.setattr(RefreshTokenRepo, "rotate_live_many", counted)
+    return sent
+
+
+async def test_a_list_of_rotations_rotates_each_live_token_and_nothing_else(core: Core,
+                                                                            realm: Realm):
+    live = [await _live_token(core, realm) for _ in range(4)]
+    rotated_before, revoked, disabled = [await _live_token(core, realm) for _ in range(3)]
+    other_realm = await core.realms.create(realm.name + "-other")
+    elsewhere = await _live_token(core, other_realm)
+    now = utcnow()
+    async with core.store.transaction(write=True) as tx:
+        await tx.refresh_tokens.mark_rotated(rotated_before[2].id, now, new_id(), b"x")
+        await tx.sessions.revoke(revoked[1].id, now, "signed_out")
+        await tx.users.set_status(disabled[0].id, "disabled", now)
+    rotations = [
+        _rotation(core, realm, live[0][2].token_hash, asked_as="first"),
+        _rotation(core, realm, rotated_before[2].token_hash),
+        _rotation(core, realm, live[1][2].token_hash),
+        _rotation(core, realm, digest(new_token())),  # no such token
+        _rotation(core, realm, revoked[2].token_hash),
+        _rotation(core, realm, live[2][2].token_hash),
+        _rotation(core, realm, disabled[2].token_hash),
+        _rotation(core, realm, elsewhere[2].token_hash),  # a token of another realm
+        _rotation(core, realm, live[3][2].token_hash),
+        _rotation(core, realm, live[1][2].token_hash),  # asked for twice: the first rotates it
+    ]
+    rotations[0].event.ip = "192.0.2.1"
+    found = await _many(core, rotations)
+    rotated_at = [0, 2, 5, 8]
+    assert [answer is not None for answer in found] == [i in rotated_at for i in range(10)]
+    for at, (user, session, token) in zip(rotated_at, live):
+        answer = found[at]
+        assert answer is not None
+        assert (answer[0].id, answer[1].id, answer[1].email) == (session.id, user.id, user.email)
+    async with core.store.transaction() as tx:
+        for at, (user, session, token) in zip(rotated_at, live):
+            rotation = rotations[at]
+            parent = await tx.refresh_tokens.get(token.id)
+            successor = await tx.refresh_tokens.get(rotation.successor_id)
+            assert parent is not None and parent.rotated_at is not None
+            assert (parent.successor_id, parent.successor_enc) == (
+                rotation.successor_id, rotation.successor_enc)
+            assert successor is not None and successor.rotated_at is None
+            assert (successor.session_id, successor.parent_id, successor.token_hash) == (
+                session.id, token.id, rotation.successor_hash)
+            # Asked for 30 days; each session ends in an hour, and its successor with it.
+            assert successor.expires_at == session.expires_at
+            touched = await tx.sessions.get(session.id)
+            assert touched is not None and touched.last_used_at > session.last_used_at
+            events = await tx.audit.recent(realm.id, user_id=user.id)
+            assert [(e.type, e.session_id) for e in events] == [
+                ("session.refreshed", session.id)]
+        first = (await tx.audit.recent(realm.id, user_id=live[0][0].id))[0]
+        assert (first.ip, first.data) == ("192.0.2.1", {"asked_as": "first"})
+        for at, rotation in enumerate(rotations):  # nothing was stored for the others
+            if at not in rotated_at:
+                assert await tx.refresh_tokens.get(rotation.successor_id) is None
+        for user, _, token in (rotated_before, revoked, disabled, elsewhere):
+            unchanged = await tx.refresh_tokens.get(token.id)
+            assert unchanged is not None and unchanged.successor_id != rotations[1].successor_id
+            assert await tx.audit.recent(None, user_id=user.id, types=("session.refreshed",)) \
+                == []
+
+
+async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Realm,
+                                                          statements: list[int]):
+    live = [await _live_token(core, realm) for _ in range(12)]
+    unknown = digest(new_token())
+    before = _rotation_sizes()
+    rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
+    found = await asyncio.gather(*(core.store.rotate_live(rotation)
+                                   for rotation in [*rotations, _rotation(core, realm, unknown)]))
+    assert [answer[0].id if answer else None for answer in found] == [
+        *(session.id for _, session, _ in live), None]
+    if core.store.round_trips:  # PostgreSQL: one statement for all thirteen
+        assert statements == [13]
+        assert _rotation_sizes() == (before[0] + 1, before[1] + 13)
+    else:  # SQLite: each in a write transaction of its own, committed together
+        assert statements == []
+
+
+async def test_rotations_of_one_token_at_once_rotate_it_once(core: Core, realm: Realm):
+    _, _, token = await _live_token(core, realm)
+    rotations = [_rotation(core, realm, token.token_hash) for _ in range(5)]
+    found = await asyncio.gather(*(core.store.rotate_live(rotation) for rotation in rotations))
+    winners = [rotation for rotation, answer in zip(rotations, found) if answer is not None]
+    assert len(winners) == 1
+    async with core.store.transaction() as tx:
+        parent = await tx.refresh_tokens.get(token.id)
+        assert parent is not None and parent.successor_id == winners[0].successor_id
+        for rotation in rotations:
+            stored = await tx.refresh_tokens.get(rotation.successor_id)
+            assert (stored is not None) == (rotation is winners[0])
+
+
+async def test_a_rotation_the_database_refuses_fails_only_its_own_caller(core: Core,
+                                                                         realm: Realm):
+    """One caller's event holds text no store keeps (a lone surrogate): on PostgreSQL the
+    statement for all of them fails and changes nothing, then each is sent alone; on either
+    store only that caller fails."""
+    live = [await _live_token(core, realm) for _ in range(4)]
+    rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
+    rotations[2].event.user_agent = "agent\ud800"
+    found = await asyncio.gather(*(core.store.rotate_live(rotation) for rotation in rotations),
+                                 return_exceptions=True)
+    assert isinstance(found[2], Exception) and not isinstance(found[2], StoreUnavailable)
+    assert [answer[0].id for at, answer in enumerate(found) if at != 2] == [
+        session.id for at, (_, session, _) in enumerate(live) if at != 2]
+    async with core.store.transaction() as tx:
+        refused = await tx.refresh_tokens.get(live[2][2].id)
+        assert refused is not None and refused.rotated_at is None
+        assert await tx.refresh_tokens.get(rotations[2].successor_id) is None
+
+
+async def test_lists_of_the_same_tokens_never_wait_for_each_other(tmp_path: Path):
+    """PostgreSQL: two statements list the same two tokens, in opposite orders, while a third
+    transaction holds one of them. Sent as listed, the first would hold one token and wait for
+    the other while the second held that one and waited for the first (a deadlock, one of them
+    failed after a second); the repository sends both in the order of the tokens' hashes.
+    Each token is rotated once, by whichever statement reached it first."""
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(settings_for(url, tmp_path))
+        try:
+            realm = await core.realms.require("default")
+            (_, _, x), (_, _, y) = await _live_token(core, realm), await _live_token(core, realm)
+            x, y = sorted((x, y), key=lambda token: token.token_hash)
+            name = url.rsplit("/", 1)[1]
+            admin = await asyncpg.connect(PG_ADMIN_DSN)
+            holder = await asyncpg.connect(url.replace("+asyncpg", ""))
+            try:
+                holding = holder.transaction()
+                await holding.start()
+                await holder.execute("SELECT 1 FROM refresh_tokens WHERE id = $1 FOR UPDATE",
+                                     y.id)
+                first = asyncio.ensure_future(_many(core, [
+                    _rotation(core, realm, y.token_hash), _rotation(core, realm, x.token_hash)]))
+                await _waiting_on_locks(admin, name, 1)
+                second = asyncio.ensure_future(_many(core, [
+                    _rotation(core, realm, x.token_hash), _rotation(core, realm, y.token_hash)]))
+                await _waiting_on_locks(admin, name, 2)
+                await holding.rollback()
+                found = await asyncio.wait_for(asyncio.gather(first, second), 10)
+            finally:
+                await holder.close()
+                await admin.close()
+            # Both asked for x and y; the first listed reached both first.
+            assert [[answer is not None for answer in answers] for answers in found] == [
+                [True, True], [False, False]]
+        finally:
+            await core.close()
+
+
+async def _waiting_on_locks(admin: asyncpg.Connection, database: str, count: int) -> None:
+    for _ in range(200):
+        waiting = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+            "AND wait_event_type = 'Lock'", database)
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} statements never waited on a lock")
+
+
+# Through the API.
+
+async def test_concurrent_refreshes_each_get_their_own_successor(client, core, realm,
+                                                                 statements):
+    signed = [await signed_in(client, realm) for _ in range(8)]
+    chains = [tokens["refresh_token"] for _, tokens in signed]
+    for _ in range(3):
+        answers = await asyncio.gather(*(client.post(
+            realm_url(realm, "/oauth/token"),
+            data={"grant_type": "refresh_token", "refresh_token": token}) for token in chains))
+        assert [answer.status_code for answer in answers] == [200] * len(chains)
+        successors = [answer.json()["refresh_token"] for answer in answers]
+        assert len(set(successors) | set(chains)) == 2 * len(chains)
+        chains = successors
+    # Every rotated token is now reuse: it revokes its session, and the successor with it.
+    reused = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": signed[0][1]["refresh_token"]})
+    assert reused.status_code == 400
+    assert reused.json()["error"] == "invalid_grant"
+    refused = await client.post(realm_url(realm, "/oauth/token"), data={
+        "grant_type": "refresh_token", "refresh_token": chains[0]})
+    assert refused.status_code == 400
+    if core.store.round_trips:
+        assert any(size > 1 for size in statements), statements
