@@ -468,3 +468,34 @@ async def test_an_unknown_realm_gets_404_realm_not_found_on_the_hot_endpoints(cl
     userinfo = await client.get("/realms/no-such-realm/userinfo",
                                 headers={"Authorization": "Bearer x.y.z"})
     assert userinfo.status_code == 404 and userinfo.json()["error"] == "realm_not_found"
+
+
+async def test_the_docs_page_runs_only_its_pinned_integrity_checked_files(client):
+    """/docs runs on the server's own origin: its files are named by exact version with their
+    integrity hashes, and its policy lets it run those and its own start-up script only, and
+    send requests only here. There is no /redoc (a floating CDN version before)."""
+    import base64
+    import hashlib
+    import re
+
+    from authgate.api.docs import SWAGGER_UI_CSS, SWAGGER_UI_JS
+
+    page = await client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    body = page.text
+    for url, integrity in (SWAGGER_UI_JS, SWAGGER_UI_CSS):
+        assert re.search(r"@\d+\.\d+\.\d+/", url), url  # an exact version
+        assert f'"{url}" integrity="{integrity}" crossorigin="anonymous"' in body
+        assert re.fullmatch(r"sha384-[A-Za-z0-9+/]{64}", integrity)
+    # Every script the page holds is one the policy allows, and nothing else.
+    policy = dict(part.split(" ", 1) for part in page.headers["content-security-policy"]
+                  .split("; ") if " " in part)
+    inline = re.findall(r"<script>(.*?)</script>", body, re.S)
+    assert len(inline) == 1 and "'/openapi.json'" in inline[0]
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert policy["script-src"] == f"{SWAGGER_UI_JS[0]} 'sha256-{digest}'"
+    assert re.findall(r'<script src="([^"]+)"', body) == [SWAGGER_UI_JS[0]]
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert "validatorUrl: null" in inline[0]  # nothing sent to the public validator
+    assert (await client.get("/redoc")).status_code == 404
+    assert (await client.get("/openapi.json")).status_code == 200

@@ -30,6 +30,7 @@ from authgate.api import (
     oidc,
     verification,
 )
+from authgate.api.docs import serve_docs
 from authgate.api.errors import native
 from authgate.api.surface import NUL_REFUSED, BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
@@ -181,7 +182,9 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
                 await app.state.core.close()
 
     configure_logging(settings)
+    # /docs is served by api/docs.py (its files pinned and integrity-checked); no /redoc.
     app = FastAPI(title="Authgate", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   description="A self-hosted authentication server: OAuth 2.0 token semantics, "
                               "JWT, JWKS, OpenID Connect discovery, and five sign-in dialects.")
     app.state.settings = settings
@@ -205,6 +208,7 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     # so that its clients work unchanged: where its route and a native one share a path and
     # method, the dialect's is matched first (the native one stays under /realms/{realm}).
     app.include_router(health.router)
+    serve_docs(app)
     served, rooted = mount_dialects(app, settings)
     per_realm, administration = _sub_app(app, settings), _sub_app(app, settings)
     native_routers = (oauth.router, oidc.router, account.router, verification.router,

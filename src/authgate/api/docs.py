@@ -1,0 +1,82 @@
+"""``/docs``: Swagger UI for ``/openapi.json``, its files pinned and integrity-checked.
+
+The page is served on the authentication server's own origin, so any script it runs could call
+every endpoint as the browser's user. Its two files come from a CDN (Authgate ships no
+front-end files), so they are named by exact version, each with its Subresource Integrity hash
+(a browser refuses a file whose bytes differ), and a Content-Security-Policy lets the page run
+only those files and its own start-up script, and send requests only to this origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+# swagger-ui-dist 5.35.0 from the npm registry (its tarball's sha512 as the registry publishes
+# it); the hashes are of the two files in that tarball, which the CDN serves byte for byte.
+SWAGGER_UI_VERSION = "5.35.0"
+CDN = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+SWAGGER_UI_JS = (f"{CDN}/swagger-ui-bundle.js",
+                 "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9")
+SWAGGER_UI_CSS = (f"{CDN}/swagger-ui.css",
+                  "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I")
+
+
+def _page(title: str, openapi_url: str) -> tuple[str, str]:
+    """The page and its Content-Security-Policy (the start-up script allowed by its hash)."""
+    start = ("window.ui = SwaggerUIBundle({url: " + _js_string(openapi_url) + ", "
+             "dom_id: '#swagger-ui', deepLinking: true, showExtensions: true, "
+             # No badge fetched from the public validator: it would send it the document.
+             "validatorUrl: null, "
+             "presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset], "
+             "layout: 'BaseLayout'});")
+    script_hash = base64.b64encode(hashlib.sha256(start.encode()).digest()).decode()
+    (js, js_integrity), (css, css_integrity) = SWAGGER_UI_JS, SWAGGER_UI_CSS
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="referrer" content="no-referrer">
+<title>{html.escape(title)}</title>
+<link rel="stylesheet" href="{css}" integrity="{css_integrity}" crossorigin="anonymous">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{js}" integrity="{js_integrity}" crossorigin="anonymous"></script>
+<script>{start}</script>
+</body>
+</html>
+"""
+    policy = "; ".join((
+        "default-src 'none'",
+        f"script-src {js} 'sha256-{script_hash}'",
+        # Swagger UI sets style attributes as it renders.
+        f"style-src {css} 'unsafe-inline'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ))
+    return page, policy
+
+
+def _js_string(value: str) -> str:
+    """``value`` as a JavaScript string literal that cannot end the script element."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("<", "\\u003c")
+    return f"'{escaped}'"
+
+
+def serve_docs(app: FastAPI, *, path: str = "/docs") -> None:
+    """Serve Swagger UI for the app's OpenAPI document at ``path``."""
+    page, policy = _page(f"{app.title} - API", app.openapi_url or "/openapi.json")
+    headers = {"Content-Security-Policy": policy, "Cache-Control": "no-cache",
+               "X-Content-Type-Options": "nosniff"}
+
+    @app.get(path, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(page, headers=headers)
