@@ -22,7 +22,7 @@ from authgate.store.repositories import RefreshTokenRepo
 from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
 from tests.conftest import test_settings as settings_for
 from tests.test_native_api import signed_in
-from tests.test_store import _live_token
+from tests.test_store import _live_token, a_session
 
 
 def _rotation(core: Core, realm: Realm, token_hash: str, **event: Any) -> Rotation:
@@ -208,6 +208,84 @@ async def test_lists_of_the_same_tokens_never_wait_for_each_other(tmp_path: Path
                 [True, True], [False, False]]
         finally:
             await core.close()
+
+
+async def test_a_list_touches_no_session_another_transaction_holds(tmp_path: Path):
+    """PostgreSQL: a user's two sessions are refreshed in one list while another transaction
+    holds one of them (signing the user out everywhere updates their sessions one by one).
+    The list rotates both tokens without waiting and touches only the session it can take: had
+    it waited for the held one while holding the other, the other transaction's next update
+    would have closed a cycle (a deadlock: a second, then 503 for every caller of the list)."""
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(settings_for(url, tmp_path))
+        try:
+            realm = await core.realms.require("default")
+            user, held, held_token = await _live_token(core, realm)
+            free = a_session(realm, user)
+            free.last_used_at = held.last_used_at
+            free_token = RefreshToken(id=new_id(), session_id=free.id,
+                                      token_hash=digest(new_token()),
+                                      created_at=free.created_at, expires_at=free.expires_at)
+            async with core.store.transaction(write=True) as tx:
+                await tx.sessions.add(free)
+                await tx.refresh_tokens.add(free_token)
+            holder = await asyncpg.connect(url.replace("+asyncpg", ""))
+            try:
+                holding = holder.transaction()
+                await holding.start()
+                await holder.execute("UPDATE sessions SET revoked_reason = revoked_reason "
+                                     "WHERE id = $1", held.id)
+                found = await asyncio.wait_for(_many(core, [
+                    _rotation(core, realm, held_token.token_hash),
+                    _rotation(core, realm, free_token.token_hash)]), 5)
+                # The other transaction goes on to the session the list touched.
+                await asyncio.wait_for(holder.execute(
+                    "UPDATE sessions SET revoked_reason = revoked_reason WHERE id = $1",
+                    free.id), 5)
+                await holding.rollback()
+            finally:
+                await holder.close()
+            assert [answer[0].id for answer in found] == [held.id, free.id]
+            async with core.store.transaction() as tx:
+                untouched, touched = await tx.sessions.get(held.id), await tx.sessions.get(free.id)
+                for token in (held_token, free_token):
+                    rotated = await tx.refresh_tokens.get(token.id)
+                    assert rotated is not None and rotated.rotated_at is not None
+            assert untouched is not None and untouched.last_used_at == held.last_used_at
+            assert touched is not None and touched.last_used_at > free.last_used_at
+        finally:
+            await core.close()
+
+
+async def test_rotations_made_before_the_database_went_away_keep_their_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """PostgreSQL: the list is refused for one caller's value, so each rotation is sent
+    alone; the database becomes unavailable at the third. The first two were made: their
+    callers get their sessions (their tokens are rotated, the successor is theirs alone); the
+    rest are told the database is unavailable."""
+    async with new_database("postgres", tmp_path) as url:
+        core = await build_core(settings_for(url, tmp_path))
+        try:
+            realm = await core.realms.require("default")
+            live = [await _live_token(core, realm) for _ in range(5)]
+            rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
+            rotations[4].event.user_agent = "agent\ud800"  # refuses the list
+            real, sent = RefreshTokenRepo.rotate_live, []
+
+            async def going_away(self: RefreshTokenRepo, rotation: Rotation) -> Any:
+                sent.append(rotation)
+                if len(sent) == 3:
+                    raise StoreUnavailable("ConnectionDoesNotExistError")
+                return await real(self, rotation)
+
+            monkeypatch.setattr(RefreshTokenRepo, "rotate_live", going_away)
+            found = await asyncio.gather(*(core.store.rotate_live(rotation)
+                                           for rotation in rotations), return_exceptions=True)
+        finally:
+            await core.close()
+    assert len(sent) == 3  # sent alone after the list was refused
+    assert [answer[0].id for answer in found[:2]] == [session.id for _, session, _ in live[:2]]
+    assert all(isinstance(answer, StoreUnavailable) for answer in found[2:]), found
 
 
 async def _waiting_on_locks(admin: asyncpg.Connection, database: str, count: int) -> None:

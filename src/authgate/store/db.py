@@ -627,7 +627,8 @@ class SqlStore:
         statement may have been carried out, and a client that tries again finds its token
         rotated, within the grace window). A statement refused for its values (one caller's
         text the database cannot keep, say) changed nothing either: each rotation is then
-        sent alone, so that only the caller it belongs to fails."""
+        sent alone, so that only the caller it belongs to fails; if the database becomes
+        unavailable meanwhile, the rotations already made keep their answers."""
         ROTATION_SIZES.observe(len(rotations))
         try:
             async with self.transaction(write=True, single=True) as tx:
@@ -638,12 +639,12 @@ class SqlStore:
             if len(rotations) == 1:
                 raise
         answers: list[tuple[Session, User] | Failed | None] = []
-        for rotation in rotations:
+        for at, rotation in enumerate(rotations):
             try:
                 async with self.transaction(write=True, single=True) as tx:
                     answers.append(await tx.refresh_tokens.rotate_live(rotation))
-            except StoreUnavailable:
-                raise
+            except StoreUnavailable as exc:  # those rotated keep their answers
+                return answers + [Failed(exc)] * (len(rotations) - at)
             except Exception as exc:  # noqa: BLE001 - this caller's own failure
                 answers.append(Failed(exc))
         return answers

@@ -771,9 +771,16 @@ def _rotations() -> Any:
                func.least(rotated.c.successor_expires_at, rotated.c.s_expires_at,
                           type_=rt.c.expires_at.type)),
     ).cte("successor")
-    touched = (update(s).where(s.c.id == rotated.c.s_id,
-                               s.c.last_used_at < rotated.c.touch_before)
-               .values(last_used_at=rotated.c.now).cte("touched"))
+    # The touch is informational: a session another transaction holds (signing its user out
+    # everywhere, say) is left as it is (SKIP LOCKED). Waiting for it while holding the list's
+    # tokens, in an order no one chose, could close a cycle with that transaction's own order.
+    lockable = (select(s.c.id).where(s.c.id == rotated.c.s_id,
+                                     s.c.last_used_at < rotated.c.touch_before)
+                .with_for_update(skip_locked=True, key_share=True).lateral("lockable"))
+    touching = (select(lockable.c.id, rotated.c.now)
+                .select_from(rotated.join(lockable, true())).cte("touching"))
+    touched = (update(s).where(s.c.id == touching.c.id)
+               .values(last_used_at=touching.c.now).cte("touched"))
     audited = insert(a).from_select(
         ["realm_id", "at", "type", "user_id", "session_id", "organisation_id", "ip",
          "user_agent", "data"],
