@@ -323,3 +323,31 @@ async def test_concurrent_refreshes_each_get_their_own_successor(client, core, r
     assert refused.status_code == 400
     if core.store.round_trips:
         assert any(size > 1 for size in statements), statements
+
+
+async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_asked(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Two refreshes of one token, the second asked for a second after the first rotated it
+    (within the ten-second grace window), then held up eleven seconds behind a busy store.
+    It is the concurrent refresh it was when asked: it gets the same successor, and the
+    session lives. (Judged by when it reached the check, it was reuse, and ended the
+    session.)"""
+    user, _, _ = await _live_token(core, realm)
+    tokens = await core.sessions.start(realm, user, amr=["pwd"])
+    clock = [utcnow()]
+    monkeypatch.setattr(core, "now", lambda: clock[0])
+    first = await core.sessions.refresh(realm, tokens.refresh_token)
+    real = type(core.store).rotate_live
+
+    async def busy(store: Any, rotation: Rotation) -> Any:
+        found = await real(store, rotation)
+        clock[0] += timedelta(seconds=11)  # held up behind the store
+        return found
+
+    clock[0] += timedelta(seconds=1)
+    monkeypatch.setattr(type(core.store), "rotate_live", busy)
+    second = await core.sessions.refresh(realm, tokens.refresh_token)
+    assert second.refresh_token == first.refresh_token
+    async with core.store.transaction() as tx:
+        live = await tx.sessions.get(tokens.session.id)
+    assert live is not None and live.revoked_at is None

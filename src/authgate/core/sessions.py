@@ -220,13 +220,16 @@ class Sessions:
         requested = scopes.normalise_scope(scope)
         if not raw or len(raw) > 512:
             raise AuthError(ErrorCode.INVALID_TOKEN)
+        # The grace window is measured from when the refresh was asked for: one held up
+        # behind a busy store is still the concurrent refresh it was, not reuse.
+        asked_at = self.core.now()
         rotated = (await self._rotate_live(realm, raw, client, client_id)
                    if requested is None else None)
         if rotated is not None:
             session, user, successor_raw = rotated
         else:
             session, user, successor_raw = await self._rotate(realm, raw, client, requested,
-                                                              client_id)
+                                                              client_id, asked_at)
         # What this token carries: the grant as narrowed, less what the realm no longer lists
         # (a session granted a scope before the realm stopped listing it, or before scopes
         # were checked at all, does not keep it).
@@ -277,11 +280,12 @@ class Sessions:
         return *found, successor_raw
 
     async def _rotate(self, realm: Realm, raw: str, client: ClientInfo | None,
-                      requested: str | None,
-                      client_id: str | None = None) -> tuple[Session, User, str]:
+                      requested: str | None, client_id: str | None = None,
+                      asked_at: datetime | None = None) -> tuple[Session, User, str]:
         """Every case, one check at a time: a live token is rotated; a token rotated within
-        the grace window gives its successor again; any other rotated token is reuse."""
-        now = self.core.now()
+        the grace window of ``asked_at`` gives its successor again; any other rotated token
+        is reuse."""
+        now = asked_at or self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
         reused = False
         async with self.core.store.transaction(write=True) as tx:
