@@ -89,6 +89,47 @@ async def new_database(backend: str, directory: Path) -> AsyncIterator[str]:
         await _drop_pg_database(name)
 
 
+@asynccontextmanager
+async def core_on_postgres(directory: Path) -> AsyncIterator[tuple[Core, Realm, str]]:
+    """A core of its own on a new PostgreSQL database: the core, its default realm, and the
+    database's URL (for connections of the test's own)."""
+    async with new_database("postgres", directory) as url:
+        core = await build_core(test_settings(url, directory))
+        try:
+            yield core, await core.realms.require("default"), url
+        finally:
+            await core.close()
+
+
+@asynccontextmanager
+async def holding(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to the database at ``url``, in a transaction that holds
+    what the test locks with it until the end, then rolls back."""
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            yield connection
+        finally:
+            await transaction.rollback()
+    finally:
+        await connection.close()
+
+
+async def waiting_on_locks(admin: asyncpg.Connection, url: str, count: int) -> list[int]:
+    """The backends of the database at ``url`` that wait on a lock, once there are ``count``."""
+    database = url.rsplit("/", 1)[1]
+    for _ in range(200):
+        waiting = [row["pid"] for row in await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+            "AND wait_event_type = 'Lock'", database)]
+        if len(waiting) >= count:
+            return waiting
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} statements never waited on a lock")
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def database_url(request: pytest.FixtureRequest,
                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
@@ -139,6 +180,20 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="http://authgate.test") as c:
         yield c
+
+
+def recorded_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[list[Any]]:
+    """What each call of the async method ``owner.name`` was given (its one argument, as a
+    list), the call then made as it is."""
+    calls: list[list[Any]] = []
+    real = getattr(owner, name)
+
+    async def recording(self: Any, items: Any) -> Any:
+        calls.append(list(items))
+        return await real(self, items)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
 
 
 def realm_url(realm: Realm, path: str) -> str:

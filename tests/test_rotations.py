@@ -13,14 +13,13 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from authgate.api.app import build_core
 from authgate.core.engine import Core
 from authgate.core.models import Realm, RefreshToken, Rotation, utcnow
 from authgate.core.ports import StoreUnavailable
 from authgate.crypto.tokens import digest, new_id, new_token
 from authgate.store.repositories import RefreshTokenRepo
-from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
-from tests.conftest import test_settings as settings_for
+from tests.conftest import PG_ADMIN_DSN, core_on_postgres, holding, realm_url, recorded_calls
+from tests.conftest import waiting_on_locks
 from tests.test_native_api import signed_in
 from tests.test_store import _live_token, a_session
 
@@ -48,17 +47,9 @@ def _rotation_sizes() -> tuple[float, float]:
 
 
 @pytest.fixture
-def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many rotations each list the store sends holds."""
-    sent: list[int] = []
-    real = RefreshTokenRepo.rotate_live_many  # counted, then run as it is
-
-    async def counted(self: RefreshTokenRepo, rotations: list[Rotation]) -> Any:
-        sent.append(len(rotations))
-        return await real(self, rotations)
-
-    monkeypatch.setattr(RefreshTokenRepo, "rotate_live_many", counted)
-    return sent
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[list[Rotation]]:
+    """The rotations of each list the store sends."""
+    return recorded_calls(monkeypatch, RefreshTokenRepo, "rotate_live_many")
 
 
 async def test_a_list_of_rotations_rotates_each_live_token_and_nothing_else(core: Core,
@@ -123,7 +114,7 @@ async def test_a_list_of_rotations_rotates_each_live_token_and_nothing_else(core
 
 
 async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Realm,
-                                                          statements: list[int]):
+                                                          statements: list[list[Rotation]]):
     live = [await _live_token(core, realm) for _ in range(12)]
     unknown = digest(new_token())
     before = _rotation_sizes()
@@ -133,7 +124,7 @@ async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Re
     assert [answer[0].id if answer else None for answer in found] == [
         *(session.id for _, session, _ in live), None]
     if core.store.round_trips:  # PostgreSQL: one statement for all thirteen
-        assert statements == [13]
+        assert [len(sent) for sent in statements] == [13]
         assert _rotation_sizes() == (before[0] + 1, before[1] + 13)
     else:  # SQLite: each in a write transaction of its own, committed together
         assert statements == []
@@ -178,36 +169,26 @@ async def test_lists_of_the_same_tokens_never_wait_for_each_other(tmp_path: Path
     the other while the second held that one and waited for the first (a deadlock, one of them
     failed after a second); the repository sends both in the order of the tokens' hashes.
     Each token is rotated once, by whichever statement reached it first."""
-    async with new_database("postgres", tmp_path) as url:
-        core = await build_core(settings_for(url, tmp_path))
+    async with core_on_postgres(tmp_path) as (core, realm, url):
+        (_, _, x), (_, _, y) = await _live_token(core, realm), await _live_token(core, realm)
+        x, y = sorted((x, y), key=lambda token: token.token_hash)
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
         try:
-            realm = await core.realms.require("default")
-            (_, _, x), (_, _, y) = await _live_token(core, realm), await _live_token(core, realm)
-            x, y = sorted((x, y), key=lambda token: token.token_hash)
-            name = url.rsplit("/", 1)[1]
-            admin = await asyncpg.connect(PG_ADMIN_DSN)
-            holder = await asyncpg.connect(url.replace("+asyncpg", ""))
-            try:
-                holding = holder.transaction()
-                await holding.start()
+            async with holding(url) as holder:
                 await holder.execute("SELECT 1 FROM refresh_tokens WHERE id = $1 FOR UPDATE",
                                      y.id)
                 first = asyncio.ensure_future(_many(core, [
                     _rotation(core, realm, y.token_hash), _rotation(core, realm, x.token_hash)]))
-                await _waiting_on_locks(admin, name, 1)
+                await waiting_on_locks(admin, url, 1)
                 second = asyncio.ensure_future(_many(core, [
                     _rotation(core, realm, x.token_hash), _rotation(core, realm, y.token_hash)]))
-                await _waiting_on_locks(admin, name, 2)
-                await holding.rollback()
-                found = await asyncio.wait_for(asyncio.gather(first, second), 10)
-            finally:
-                await holder.close()
-                await admin.close()
-            # Both asked for x and y; the first listed reached both first.
-            assert [[answer is not None for answer in answers] for answers in found] == [
-                [True, True], [False, False]]
+                await waiting_on_locks(admin, url, 2)
+            found = await asyncio.wait_for(asyncio.gather(first, second), 10)
         finally:
-            await core.close()
+            await admin.close()
+    # Both asked for x and y; the first listed reached both first.
+    assert [[answer is not None for answer in answers] for answers in found] == [
+        [True, True], [False, False]]
 
 
 async def test_a_list_touches_no_session_another_transaction_holds(tmp_path: Path):
@@ -216,45 +197,34 @@ async def test_a_list_touches_no_session_another_transaction_holds(tmp_path: Pat
     The list rotates both tokens without waiting and touches only the session it can take: had
     it waited for the held one while holding the other, the other transaction's next update
     would have closed a cycle (a deadlock: a second, then 503 for every caller of the list)."""
-    async with new_database("postgres", tmp_path) as url:
-        core = await build_core(settings_for(url, tmp_path))
-        try:
-            realm = await core.realms.require("default")
-            user, held, held_token = await _live_token(core, realm)
-            free = a_session(realm, user)
-            free.last_used_at = held.last_used_at
-            free_token = RefreshToken(id=new_id(), session_id=free.id,
-                                      token_hash=digest(new_token()),
-                                      created_at=free.created_at, expires_at=free.expires_at)
-            async with core.store.transaction(write=True) as tx:
-                await tx.sessions.add(free)
-                await tx.refresh_tokens.add(free_token)
-            holder = await asyncpg.connect(url.replace("+asyncpg", ""))
-            try:
-                holding = holder.transaction()
-                await holding.start()
-                await holder.execute("UPDATE sessions SET revoked_reason = revoked_reason "
-                                     "WHERE id = $1", held.id)
-                found = await asyncio.wait_for(_many(core, [
-                    _rotation(core, realm, held_token.token_hash),
-                    _rotation(core, realm, free_token.token_hash)]), 5)
-                # The other transaction goes on to the session the list touched.
-                await asyncio.wait_for(holder.execute(
-                    "UPDATE sessions SET revoked_reason = revoked_reason WHERE id = $1",
-                    free.id), 5)
-                await holding.rollback()
-            finally:
-                await holder.close()
-            assert [answer[0].id for answer in found] == [held.id, free.id]
-            async with core.store.transaction() as tx:
-                untouched, touched = await tx.sessions.get(held.id), await tx.sessions.get(free.id)
-                for token in (held_token, free_token):
-                    rotated = await tx.refresh_tokens.get(token.id)
-                    assert rotated is not None and rotated.rotated_at is not None
-            assert untouched is not None and untouched.last_used_at == held.last_used_at
-            assert touched is not None and touched.last_used_at > free.last_used_at
-        finally:
-            await core.close()
+    async with core_on_postgres(tmp_path) as (core, realm, url):
+        user, held, held_token = await _live_token(core, realm)
+        free = a_session(realm, user)
+        free.last_used_at = held.last_used_at
+        free_token = RefreshToken(id=new_id(), session_id=free.id,
+                                  token_hash=digest(new_token()),
+                                  created_at=free.created_at, expires_at=free.expires_at)
+        async with core.store.transaction(write=True) as tx:
+            await tx.sessions.add(free)
+            await tx.refresh_tokens.add(free_token)
+        async with holding(url) as holder:
+            await holder.execute("UPDATE sessions SET revoked_reason = revoked_reason "
+                                 "WHERE id = $1", held.id)
+            found = await asyncio.wait_for(_many(core, [
+                _rotation(core, realm, held_token.token_hash),
+                _rotation(core, realm, free_token.token_hash)]), 5)
+            # The other transaction goes on to the session the list touched.
+            await asyncio.wait_for(holder.execute(
+                "UPDATE sessions SET revoked_reason = revoked_reason WHERE id = $1",
+                free.id), 5)
+        assert [answer[0].id for answer in found] == [held.id, free.id]
+        async with core.store.transaction() as tx:
+            untouched, touched = await tx.sessions.get(held.id), await tx.sessions.get(free.id)
+            for token in (held_token, free_token):
+                rotated = await tx.refresh_tokens.get(token.id)
+                assert rotated is not None and rotated.rotated_at is not None
+    assert untouched is not None and untouched.last_used_at == held.last_used_at
+    assert touched is not None and touched.last_used_at > free.last_used_at
 
 
 async def test_rotations_made_before_the_database_went_away_keep_their_answers(
@@ -263,40 +233,24 @@ async def test_rotations_made_before_the_database_went_away_keep_their_answers(
     alone; the database becomes unavailable at the third. The first two were made: their
     callers get their sessions (their tokens are rotated, the successor is theirs alone); the
     rest are told the database is unavailable."""
-    async with new_database("postgres", tmp_path) as url:
-        core = await build_core(settings_for(url, tmp_path))
-        try:
-            realm = await core.realms.require("default")
-            live = [await _live_token(core, realm) for _ in range(5)]
-            rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
-            rotations[4].event.user_agent = "agent\ud800"  # refuses the list
-            real, sent = RefreshTokenRepo.rotate_live, []
+    async with core_on_postgres(tmp_path) as (core, realm, _):
+        live = [await _live_token(core, realm) for _ in range(5)]
+        rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
+        rotations[4].event.user_agent = "agent\ud800"  # refuses the list
+        real, sent = RefreshTokenRepo.rotate_live, []
 
-            async def going_away(self: RefreshTokenRepo, rotation: Rotation) -> Any:
-                sent.append(rotation)
-                if len(sent) == 3:
-                    raise StoreUnavailable("ConnectionDoesNotExistError")
-                return await real(self, rotation)
+        async def going_away(self: RefreshTokenRepo, rotation: Rotation) -> Any:
+            sent.append(rotation)
+            if len(sent) == 3:
+                raise StoreUnavailable("ConnectionDoesNotExistError")
+            return await real(self, rotation)
 
-            monkeypatch.setattr(RefreshTokenRepo, "rotate_live", going_away)
-            found = await asyncio.gather(*(core.store.rotate_live(rotation)
-                                           for rotation in rotations), return_exceptions=True)
-        finally:
-            await core.close()
+        monkeypatch.setattr(RefreshTokenRepo, "rotate_live", going_away)
+        found = await asyncio.gather(*(core.store.rotate_live(rotation)
+                                       for rotation in rotations), return_exceptions=True)
     assert len(sent) == 3  # sent alone after the list was refused
     assert [answer[0].id for answer in found[:2]] == [session.id for _, session, _ in live[:2]]
     assert all(isinstance(answer, StoreUnavailable) for answer in found[2:]), found
-
-
-async def _waiting_on_locks(admin: asyncpg.Connection, database: str, count: int) -> None:
-    for _ in range(200):
-        waiting = await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
-            "AND wait_event_type = 'Lock'", database)
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{count} statements never waited on a lock")
 
 
 # Through the API.
@@ -322,7 +276,7 @@ async def test_concurrent_refreshes_each_get_their_own_successor(client, core, r
         "grant_type": "refresh_token", "refresh_token": chains[0]})
     assert refused.status_code == 400
     if core.store.round_trips:
-        assert any(size > 1 for size in statements), statements
+        assert any(len(sent) > 1 for sent in statements), statements
 
 
 async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_asked(

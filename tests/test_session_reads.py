@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import jwt
 import pytest
 from prometheus_client import REGISTRY
 
-from authgate.api.app import build_core
 from authgate.core.engine import Core
 from authgate.core.models import Realm, Session, User, utcnow
 from authgate.crypto.tokens import new_id
 from authgate.store.batch import Batched
 from authgate.store.repositories import SessionRepo
-from tests.conftest import PG_ADMIN_DSN, new_database, realm_url
-from tests.conftest import test_settings as settings_for
+from tests.conftest import PG_ADMIN_DSN, core_on_postgres, holding, realm_url, recorded_calls
+from tests.conftest import waiting_on_locks
 from tests.test_native_api import bearer, signed_in
 from tests.test_store import a_session, a_user
 
@@ -159,15 +157,7 @@ async def _user_with_sessions(core: Core, realm: Realm,
 @pytest.fixture
 def statements(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The ids of each batched statement the store sends."""
-    sent: list[list[str]] = []
-    real = SessionRepo.many_with_user  # counted, then run as it is
-
-    async def counted(self: SessionRepo, session_ids: list[str]) -> Any:
-        sent.append(list(session_ids))
-        return await real(self, session_ids)
-
-    monkeypatch.setattr(SessionRepo, "many_with_user", counted)
-    return sent
+    return recorded_calls(monkeypatch, SessionRepo, "many_with_user")
 
 
 def _batch_sizes() -> tuple[float, float]:
@@ -237,39 +227,23 @@ async def test_ids_no_session_can_have_find_nothing_and_fail_nothing(core: Core,
 async def test_a_read_whose_connection_is_lost_is_sent_again(tmp_path: Path):
     """PostgreSQL: the backend running a batched read is terminated; every caller still gets
     its session (the read is sent once more, on another connection)."""
-    async with new_database("postgres", tmp_path) as url:
-        core = await build_core(settings_for(url, tmp_path))
+    async with core_on_postgres(tmp_path) as (core, realm, url):
+        _, sessions = await _user_with_sessions(core, realm, 30)
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
         try:
-            realm = await core.realms.require("default")
-            _, sessions = await _user_with_sessions(core, realm, 30)
-            name = url.rsplit("/", 1)[1]
-            admin = await asyncpg.connect(PG_ADMIN_DSN)
-            locker = await asyncpg.connect(url.replace("+asyncpg", ""))
-            try:
-                holding = locker.transaction()
-                await holding.start()
+            async with holding(url) as locker:
                 await locker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
                 callers = [asyncio.ensure_future(core.store.session_with_user(s.id))
                            for s in sessions]
-                waiting: list[Any] = []
-                for _ in range(100):  # the read reaches the lock and waits on it
-                    waiting = await admin.fetch(
-                        "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
-                        "AND wait_event_type = 'Lock'", name)
-                    if waiting:
-                        break
-                    await asyncio.sleep(0.02)
-                assert len(waiting) == 1  # one statement for all thirty callers
-                await admin.execute("SELECT pg_terminate_backend($1)", waiting[0]["pid"])
+                # The read reaches the lock and waits on it: one statement for all thirty.
+                waiting = await waiting_on_locks(admin, url, 1)
+                assert len(waiting) == 1
+                await admin.execute("SELECT pg_terminate_backend($1)", waiting[0])
                 await asyncio.sleep(0.1)
-                await holding.rollback()
-                found = await asyncio.wait_for(asyncio.gather(*callers), 10)
-            finally:
-                await locker.close()
-                await admin.close()
-            assert [answer[0].id for answer in found] == [s.id for s in sessions]
+            found = await asyncio.wait_for(asyncio.gather(*callers), 10)
         finally:
-            await core.close()
+            await admin.close()
+    assert [answer[0].id for answer in found] == [s.id for s in sessions]
 
 
 # Through the API.

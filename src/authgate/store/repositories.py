@@ -7,7 +7,7 @@ by column name, so a table and its record stay in step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
