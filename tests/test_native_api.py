@@ -497,5 +497,8 @@ async def test_the_docs_page_runs_only_its_pinned_integrity_checked_files(client
     assert re.findall(r'<script src="([^"]+)"', body) == [SWAGGER_UI_JS[0]]
     assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
     assert "validatorUrl: null" in inline[0]  # nothing sent to the public validator
+    head = await client.head("/docs")
+    assert head.status_code == 200 and head.headers["content-security-policy"] == \
+        page.headers["content-security-policy"]
     assert (await client.get("/redoc")).status_code == 404
     assert (await client.get("/openapi.json")).status_code == 200

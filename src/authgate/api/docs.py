@@ -13,7 +13,7 @@ import base64
 import hashlib
 import html
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 # swagger-ui-dist 5.35.0 from the npm registry (its tarball's sha512 as the registry publishes
@@ -77,6 +77,7 @@ def serve_docs(app: FastAPI, *, path: str = "/docs") -> None:
     headers = {"Content-Security-Policy": policy, "Cache-Control": "no-cache",
                "X-Content-Type-Options": "nosniff"}
 
-    @app.get(path, include_in_schema=False)
-    async def docs() -> HTMLResponse:
+    async def docs(_: Request) -> HTMLResponse:
         return HTMLResponse(page, headers=headers)
+
+    app.add_route(path, docs, include_in_schema=False)  # GET and HEAD
