@@ -14,9 +14,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from authgate.core.engine import Core
+from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, RefreshToken, Rotation, utcnow
 from authgate.core.ports import StoreUnavailable
 from authgate.crypto.tokens import digest, new_id, new_token
+from authgate.store import tables as t
 from authgate.store.repositories import RefreshTokenRepo
 from tests.conftest import PG_ADMIN_DSN, core_on_postgres, holding, realm_url, recorded_calls
 from tests.conftest import waiting_on_locks
@@ -279,15 +281,17 @@ async def test_concurrent_refreshes_each_get_their_own_successor(client, core, r
         assert any(len(sent) > 1 for sent in statements), statements
 
 
-async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_asked(
-        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
-    """Two refreshes of one token, the second asked for a second after the first rotated it
-    (within the ten-second grace window), then held up eleven seconds behind a busy store.
-    It is the concurrent refresh it was when asked: it gets the same successor, and the
-    session lives. (Judged by when it reached the check, it was reuse, and ended the
-    session.)"""
+async def _duplicate_held_up(core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, *,
+                             asked_after: float, held: float,
+                             session_ttl: timedelta = timedelta(hours=1)) -> Any:
+    """A session's token refreshed, then refreshed again ``asked_after`` seconds later and
+    held up ``held`` seconds behind the store (a controlled clock): the first answer, and the
+    second (or the AuthError it raised)."""
     user, _, _ = await _live_token(core, realm)
     tokens = await core.sessions.start(realm, user, amr=["pwd"])
+    async with core.store.transaction(write=True) as tx:
+        await tx.conn.execute(t.sessions.update().where(t.sessions.c.id == tokens.session.id)
+                              .values(expires_at=utcnow() + session_ttl))
     clock = [utcnow()]
     monkeypatch.setattr(core, "now", lambda: clock[0])
     first = await core.sessions.refresh(realm, tokens.refresh_token)
@@ -295,12 +299,48 @@ async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_
 
     async def busy(store: Any, rotation: Rotation) -> Any:
         found = await real(store, rotation)
-        clock[0] += timedelta(seconds=11)  # held up behind the store
+        clock[0] += timedelta(seconds=held)  # held up behind the store
         return found
 
-    clock[0] += timedelta(seconds=1)
+    clock[0] += timedelta(seconds=asked_after)
     monkeypatch.setattr(type(core.store), "rotate_live", busy)
-    second = await core.sessions.refresh(realm, tokens.refresh_token)
+    try:
+        second: Any = await core.sessions.refresh(realm, tokens.refresh_token)
+    except AuthError as exc:
+        second = exc
+    return tokens, first, second
+
+
+async def test_a_refresh_asked_for_past_the_grace_window_is_reuse(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The other side of the window: asked for eleven seconds after the rotation (a ten-second
+    window), the token is reuse, whatever the store's speed, and the session ends."""
+    tokens, _, second = await _duplicate_held_up(core, realm, monkeypatch, asked_after=11,
+                                                 held=0)
+    assert isinstance(second, AuthError) and second.code == ErrorCode.REFRESH_TOKEN_REUSED
+    async with core.store.transaction() as tx:
+        ended = await tx.sessions.get(tokens.session.id)
+    assert ended is not None and ended.revoked_at is not None
+
+
+async def test_a_refresh_held_up_until_its_session_expired_is_refused(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Asked for within the window, but the session expired while the refresh waited: expiry
+    is judged when the refresh is checked, so no successor, no new access token."""
+    _, _, second = await _duplicate_held_up(core, realm, monkeypatch, asked_after=1, held=11,
+                                            session_ttl=timedelta(seconds=5))
+    assert isinstance(second, AuthError) and second.code == ErrorCode.TOKEN_EXPIRED
+
+
+async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_asked(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Two refreshes of one token, the second asked for a second after the first rotated it
+    (within the ten-second grace window), then held up eleven seconds behind a busy store.
+    It is the concurrent refresh it was when asked: it gets the same successor, and the
+    session lives. (Judged by when it reached the check, it was reuse, and ended the
+    session.)"""
+    tokens, first, second = await _duplicate_held_up(core, realm, monkeypatch, asked_after=1,
+                                                     held=11)
     assert second.refresh_token == first.refresh_token
     async with core.store.transaction() as tx:
         live = await tx.sessions.get(tokens.session.id)

@@ -10,8 +10,10 @@ only those files and its own start-up script, and send requests only to this ori
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -66,18 +68,24 @@ def _page(title: str, openapi_url: str) -> tuple[str, str]:
 
 
 def _js_string(value: str) -> str:
-    """``value`` as a JavaScript string literal that cannot end the script element."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("<", "\\u003c")
-    return f"'{escaped}'"
+    """``value`` as a JavaScript string literal (JSON's, all ASCII) that cannot end the
+    script element."""
+    return json.dumps(value).replace("<", "\\u003c")
 
 
 def serve_docs(app: FastAPI, *, path: str = "/docs") -> None:
-    """Serve Swagger UI for the app's OpenAPI document at ``path``."""
-    page, policy = _page(f"{app.title} - API", app.openapi_url or "/openapi.json")
-    headers = {"Content-Security-Policy": policy, "Cache-Control": "no-cache",
-               "X-Content-Type-Options": "nosniff"}
+    """Serve Swagger UI for the app's OpenAPI document at ``path``, under the server's root
+    path (``--root-path``, behind a proxy that strips a prefix), as FastAPI's page did."""
+    title, openapi_url = f"{app.title} - API", app.openapi_url or "/openapi.json"
 
-    async def docs(_: Request) -> HTMLResponse:
+    @functools.lru_cache(maxsize=8)  # one root path per deployment; pages made once
+    def made(root_path: str) -> tuple[bytes, dict[str, str]]:
+        page, policy = _page(title, root_path + openapi_url)
+        return page.encode(), {"Content-Security-Policy": policy, "Cache-Control": "no-cache",
+                               "X-Content-Type-Options": "nosniff"}
+
+    async def docs(request: Request) -> HTMLResponse:
+        page, headers = made(request.scope.get("root_path") or "")
         return HTMLResponse(page, headers=headers)
 
     app.add_route(path, docs, include_in_schema=False)  # GET and HEAD

@@ -221,7 +221,8 @@ class Sessions:
         if not raw or len(raw) > 512:
             raise AuthError(ErrorCode.INVALID_TOKEN)
         # The grace window is measured from when the refresh was asked for: one held up
-        # behind a busy store is still the concurrent refresh it was, not reuse.
+        # behind a busy store is still the concurrent refresh it was, not reuse. (Expiry is
+        # judged when it is checked.)
         asked_at = self.core.now()
         rotated = (await self._rotate_live(realm, raw, client, client_id)
                    if requested is None else None)
@@ -283,9 +284,9 @@ class Sessions:
                       requested: str | None, client_id: str | None = None,
                       asked_at: datetime | None = None) -> tuple[Session, User, str]:
         """Every case, one check at a time: a live token is rotated; a token rotated within
-        the grace window of ``asked_at`` gives its successor again; any other rotated token
-        is reuse."""
-        now = asked_at or self.core.now()
+        the grace window of when the refresh was asked for (``asked_at``) gives its successor
+        again; any other rotated token is reuse. Expiry is judged now."""
+        now = self.core.now()
         grace = timedelta(seconds=self.core.settings.refresh_grace_seconds)
         reused = False
         async with self.core.store.transaction(write=True) as tx:
@@ -303,7 +304,7 @@ class Sessions:
                     raise AuthError(ErrorCode.INVALID_TOKEN)  # lost a race the lock prevents
                 session, user, successor_raw = rotated
             else:
-                grace_raw = await self._grace_successor(tx, token, now, grace)
+                grace_raw = await self._grace_successor(tx, token, asked_at or now, grace)
                 if grace_raw is None:
                     await self._revoke_for_reuse(tx, realm, session, now, client)
                     reused = True
@@ -313,10 +314,11 @@ class Sessions:
             raise AuthError(ErrorCode.REFRESH_TOKEN_REUSED)
         return session, user, successor_raw
 
-    async def _grace_successor(self, tx: Any, token: RefreshToken, now: Any,
+    async def _grace_successor(self, tx: Any, token: RefreshToken, asked_at: datetime,
                                grace: timedelta) -> str | None:
-        """Within the grace window, the still-unused successor of a just-rotated token."""
-        if token.rotated_at is None or now - token.rotated_at > grace:
+        """Asked for within the grace window, the still-unused successor of a just-rotated
+        token."""
+        if token.rotated_at is None or asked_at - token.rotated_at > grace:
             return None
         if token.successor_id is None or token.successor_enc is None:
             return None
