@@ -574,13 +574,7 @@ class RefreshTokenRepo(_Repo):
         data-modifying CTEs), so one round trip in autocommit. Elsewhere: one guarded read,
         then the writes, inside the caller's write transaction."""
         r, event = rotation, rotation.event
-        params = {"token_hash": r.token_hash, "realm_id": r.realm_id, "now": r.now,
-                  "client_id": r.client_id, "user_status": "active",
-                  "successor_id": r.successor_id, "successor_hash": r.successor_hash,
-                  "successor_expires_at": r.successor_expires_at,
-                  "successor_enc": r.successor_enc, "touch_before": r.touch_before,
-                  "event_type": event.type, "organisation_id": event.organisation_id,
-                  "ip": event.ip, "user_agent": event.user_agent, "data": event.data}
+        params = {**_rotation_values(r), "user_status": "active"}
         if self.conn.dialect.name == "postgresql":
             statement = _statement(("rotate_live", "postgresql"), _rotate_live_cte)
             row = (await self.conn.execute(statement, params)).first()
@@ -622,23 +616,28 @@ class RefreshTokenRepo(_Repo):
             return answers
         sent = sorted(first.values(), key=lambda at: rotations[at].token_hash)
         params: dict[str, Any] = {name: [] for name, _ in _ROTATION_VALUES}
-        params["user_status"] = "active"
         for at in sent:
-            r, event = rotations[at], rotations[at].event
-            for name, value in (
-                    ("token_hash", r.token_hash), ("realm_id", r.realm_id),
-                    ("client_id", r.client_id), ("now", r.now),
-                    ("touch_before", r.touch_before), ("successor_id", r.successor_id),
-                    ("successor_hash", r.successor_hash),
-                    ("successor_expires_at", r.successor_expires_at),
-                    ("successor_enc", r.successor_enc), ("event_type", event.type),
-                    ("organisation_id", event.organisation_id), ("ip", event.ip),
-                    ("user_agent", event.user_agent), ("data", json_text(event.data))):
-                params[name].append(value)
+            values = _rotation_values(rotations[at])
+            values["data"] = json_text(values["data"])  # a list of JSON texts, cast in SQL
+            for name, _ in _ROTATION_VALUES:
+                params[name].append(values[name])
+        params["user_status"] = "active"
         statement = _statement(("rotate_live", "many"), _rotations)
         for row in await self.conn.execute(statement, params):
             answers[sent[row[0] - 1]] = _session_and_user(row[1:])
         return answers
+
+
+def _rotation_values(r: m.Rotation) -> dict[str, Any]:
+    """A rotation's values, by the names both rotation statements bind them to (one value
+    each in ``_rotate_live_cte``, one list each in ``_rotations``)."""
+    event = r.event
+    return {"token_hash": r.token_hash, "realm_id": r.realm_id, "client_id": r.client_id,
+            "now": r.now, "touch_before": r.touch_before, "successor_id": r.successor_id,
+            "successor_hash": r.successor_hash, "successor_expires_at": r.successor_expires_at,
+            "successor_enc": r.successor_enc, "event_type": event.type,
+            "organisation_id": event.organisation_id, "ip": event.ip,
+            "user_agent": event.user_agent, "data": event.data}
 
 
 def _live_token(rt: Any = t.refresh_tokens.c, s: Any = t.sessions.c,
