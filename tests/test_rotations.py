@@ -23,17 +23,13 @@ from authgate.store.repositories import RefreshTokenRepo
 from tests.conftest import PG_ADMIN_DSN, core_on_postgres, holding, realm_url, recorded_calls
 from tests.conftest import waiting_on_locks
 from tests.test_native_api import signed_in
-from tests.test_store import _live_token, a_session
+from tests.test_store import _live_token, a_rotation, a_session
 
 
 def _rotation(core: Core, realm: Realm, token_hash: str, **event: Any) -> Rotation:
-    now = utcnow()
-    return Rotation(token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
-                    successor_hash=digest(new_token()),
-                    successor_expires_at=now + timedelta(days=30),
-                    successor_enc=b"sealed " + token_hash.encode(),
-                    touch_before=now - timedelta(minutes=1),
-                    event=core.audit.event("session.refreshed", realm_id=realm.id, **event))
+    """A rotation whose sealed successor names its token: each parent's can be told apart."""
+    return a_rotation(core, realm, token_hash, successor_enc=b"sealed " + token_hash.encode(),
+                      **event)
 
 
 async def _many(core: Core, rotations: list[Rotation]) -> list[Any]:

@@ -620,18 +620,26 @@ async def _live_token(core: Core, realm: Realm, *, session_ttl: timedelta = time
     return user, session, token
 
 
+def a_rotation(core: Core, realm: Realm, token_hash: str, *, successor_enc: bytes = b"sealed",
+               successor_expires_in: timedelta = timedelta(days=30),
+               **event: object) -> Rotation:
+    """The rotation of the token whose hash is ``token_hash``, as the core would ask for it
+    (``event``: the audit event's data)."""
+    now = utcnow()
+    return Rotation(token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
+                    successor_hash=digest(new_token()),
+                    successor_expires_at=now + successor_expires_in,
+                    successor_enc=successor_enc, touch_before=now - timedelta(minutes=1),
+                    event=core.audit.event("session.refreshed", realm_id=realm.id, **event))
+
+
 async def _rotate_live(core: Core, realm: Realm, token_hash: str, *,
                        successor_expires_in: timedelta = timedelta(days=30)) -> tuple[
                            tuple[Session, User] | None, str]:
-    now = utcnow()
-    successor_id = new_id()
-    event = core.audit.event("session.refreshed", realm_id=realm.id)
+    rotation = a_rotation(core, realm, token_hash, successor_expires_in=successor_expires_in)
     async with core.store.transaction(write=True, single=True) as tx:
-        found = await tx.refresh_tokens.rotate_live(Rotation(
-            token_hash=token_hash, realm_id=realm.id, now=now, successor_id=successor_id,
-            successor_hash=digest(new_token()), successor_expires_at=now + successor_expires_in,
-            successor_enc=b"sealed", touch_before=now - timedelta(minutes=1), event=event))
-    return found, successor_id
+        found = await tx.refresh_tokens.rotate_live(rotation)
+    return found, rotation.successor_id
 
 
 async def test_a_live_refresh_token_rotates_in_one_call(core: Core, realm: Realm):
