@@ -645,3 +645,112 @@ async def test_housekeeping_and_admissions_at_once_never_deadlock(tmp_path):
             core.store.round_trips = True
             await raw.close()
             await core.close()
+
+
+class _AfterTheCheck:
+    """Counts the store's write transactions begun after the password check of a sign-in."""
+
+    def __init__(self, core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.checked, self.writes = False, 0
+        verify, transaction = core.hasher.verify, core.store.transaction
+
+        async def checking(secret: str, password: str) -> object:
+            result = await verify(secret, password)
+            self.checked = True
+            return result
+
+        def counting(*args: object, **kwargs: object) -> object:
+            if self.checked and kwargs.get("write"):
+                self.writes += 1
+            return transaction(*args, **kwargs)
+
+        monkeypatch.setattr(core.hasher, "verify", checking)
+        monkeypatch.setattr(core.store, "transaction", counting)
+
+
+async def _counters(core: Core, realm: Realm, email: str,
+                    ip: str) -> tuple[object, object]:
+    login = core.throttle.login_key(realm.id, email)
+    address = core.throttle.address_key(realm.id, ip)
+    assert address is not None
+    async with core.store.transaction() as tx:
+        return await tx.throttle.get(login.key), await tx.throttle.get(address.key)
+
+
+async def _with_failures_and_one_in_flight(core: Core, realm: Realm, email: str,
+                                           ip: str) -> None:
+    """Two failures on the login id, and the address with another sign-in in flight."""
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    now = utcnow()
+    address = core.throttle.address_key(realm.id, ip)
+    assert address is not None
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(
+            ThrottleState(key=core.throttle.login_key(realm.id, email).key, failures=2,
+                          window_started_at=now),
+            ThrottleState(key=address.key, failures=0, window_started_at=now, pending=1,
+                          pending_until=now + timedelta(seconds=60)))
+
+
+async def test_a_sign_in_writes_its_success_with_the_session_it_opens(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """One write after the password check, not two: the session, and the attempt's success
+    (the login id's failures cleared, the attempt taken back from the address)."""
+    email, ip = unique_email(), "198.51.100.60"
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    after = _AfterTheCheck(core, monkeypatch)
+    tokens = await core.signin.password_session(realm, email, PASSWORD, ClientInfo(ip=ip))
+    assert after.writes == 1
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending, login.blocked_until) == (0, 0, None)
+    assert (address.failures, address.pending) == (0, 1)  # the other sign-in's stays
+    assert [s.id for s in await core.sessions.list_for_user(realm, tokens.user.id)] == \
+        [tokens.session.id]
+
+
+async def test_a_sign_in_whose_session_does_not_open_releases_its_attempt(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The password changed while it was checked: no session, and nothing of the success is
+    written (the failures stay); the attempt is only taken back."""
+    email, ip = unique_email(), "198.51.100.61"
+    user = await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    verify = core.hasher.verify
+
+    async def changed_meanwhile(secret: str, password: str) -> object:
+        result = await verify(secret, password)
+        await core.users.set_password(realm, user.id, "another long passphrase 43")
+        return result
+
+    monkeypatch.setattr(core.hasher, "verify", changed_meanwhile)
+    with pytest.raises(AuthError) as refused:
+        await core.signin.password_session(realm, email, PASSWORD, ClientInfo(ip=ip))
+    assert refused.value.code is ErrorCode.INVALID_CREDENTIALS
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending) == (2, 0)
+    assert address.pending == 1
+    assert await core.sessions.list_for_user(realm, user.id) == []
+
+
+async def test_a_sign_in_that_fails_after_its_session_opened_takes_its_attempt_back_once(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Written with the session, the success is not undone by an error that follows: the
+    attempt is not released a second time (which would take another sign-in's from the
+    address)."""
+    email, ip = unique_email(), "198.51.100.62"
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("signing failed")
+
+    monkeypatch.setattr(core.sessions, "_tokens", broken)
+    with pytest.raises(RuntimeError):
+        await core.signin.password_session(realm, email, PASSWORD, ClientInfo(ip=ip))
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending) == (0, 0)
+    assert address.pending == 1

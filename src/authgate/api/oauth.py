@@ -86,13 +86,11 @@ async def token(request: Request) -> Response:
         scope = scopes.grant(realm, _scope(form))
         # A user with TOTP must send ``mfa_code`` too (a TOTP or a recovery code); without it
         # the answer is 401 ``mfa_required``, and the client repeats the grant with the code.
-        signed_in = await core.signin.password(
-            realm, username, password, client,
-            mfa_code=string_field(form, "mfa_code", max_length=64))
-        tokens = await core.sessions.start(
-            realm, signed_in.user, amr=signed_in.amr, client=client, client_id=client_id,
-            nonce=string_field(form, "nonce", max_length=500),
-            with_id_token="openid" in scope.split(" "), scope=scope)
+        mfa_code = string_field(form, "mfa_code", max_length=64)
+        nonce = string_field(form, "nonce", max_length=500)
+        tokens = await core.signin.password_session(
+            realm, username, password, client, mfa_code=mfa_code, client_id=client_id,
+            nonce=nonce, with_id_token="openid" in scope.split(" "), scope=scope)
         return token_response(tokens)
     if grant_type == "refresh_token":
         raw = string_field(form, "refresh_token", required=True, max_length=512)

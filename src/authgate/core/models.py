@@ -324,6 +324,18 @@ class ThrottleState:
     pending_until: datetime | None = None  # when a crashed check's pending count lapses
 
 
+@dataclass(slots=True, eq=False)
+class Settlement:
+    """A pending throttle attempt that ended well, for the store to write: every key loses
+    the attempt and ``cleared`` (the login id's key) also its failures and its block
+    (``ThrottleRepo.settle``). A sign-in hands it to the write that opens its session
+    (``SessionRepo.open``), which marks it ``written``."""
+    cleared: str
+    taken_back: tuple[str, ...]
+    at: datetime
+    written: bool = False
+
+
 @dataclass(slots=True)
 class ClientInfo:
     """Who is asking: recorded on sessions and audit events, used by throttling."""

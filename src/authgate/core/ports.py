@@ -27,6 +27,7 @@ from authgate.core.models import (
     RefreshToken,
     Rotation,
     Session,
+    Settlement,
     SigningKey,
     ThrottleState,
     User,
@@ -127,9 +128,10 @@ class MembershipRepo(Protocol):
 class SessionRepo(Protocol):
     async def add(self, session: Session) -> None: ...
     async def open(self, session: Session, token: RefreshToken, event: AuditEvent,
-                   stamp: str) -> None:
+                   stamp: str, settlement: Settlement | None = None) -> None:
         """Store a new session with its first refresh token, set the user's last sign-in to
-        the session's start, and record ``event``: all at once, and only while the user is
+        the session's start, record ``event``, and write ``settlement`` (the sign-in's
+        attempt, as ``ThrottleRepo.settle`` writes it): all at once, and only while the user is
         active and its security stamp is still ``stamp`` (else ``StaleUser``, nothing written).
         The check and the writes are atomic against ``UserRepo.new_stamp`` and ``set_status``:
         either the session opens first and their revocation ends it, or it does not open. A

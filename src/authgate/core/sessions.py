@@ -19,7 +19,15 @@ import orjson
 from authgate.core import audit as events
 from authgate.core import scopes
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Realm, RefreshToken, Rotation, Session, User
+from authgate.core.models import (
+    ClientInfo,
+    Realm,
+    RefreshToken,
+    Rotation,
+    Session,
+    Settlement,
+    User,
+)
 from authgate.core.ports import StaleUser
 from authgate.crypto.secretbox import DecryptionError
 from authgate.crypto.tokens import digest, new_id, new_token
@@ -77,11 +85,12 @@ class Sessions:
                     device_id: str | None = None, client_id: str | None = None,
                     nonce: str | None = None, extra_claims: dict[str, Any] | None = None,
                     with_id_token: bool = True, access_ttl: int | None = None,
-                    scope: str | None = None) -> Tokens:
+                    scope: str | None = None, settlement: Settlement | None = None) -> Tokens:
         """``access_ttl`` overrides the access token's lifetime (a dialect whose clients expect
         another one); the session's own lifetime does not change. ``scope`` is the scope
         asked for (native OAuth; INVALID_SCOPE past what the realm grants): kept on the
-        session, it bounds every refresh and decides the claims an ID token shows."""
+        session, it bounds every refresh and decides the claims an ID token shows.
+        ``settlement``: the sign-in's throttle attempt, written with the session."""
         client = client or ClientInfo()
         granted = scopes.grant(realm, scope) if scope is not None else None
         now = self.core.now()
@@ -100,7 +109,7 @@ class Sessions:
                                       client=client, amr=session.amr)
         try:
             async with self.core.store.transaction(write=True, single=True) as tx:
-                await tx.sessions.open(session, token, event, user.security_stamp)
+                await tx.sessions.open(session, token, event, user.security_stamp, settlement)
         except StaleUser:
             # The password changed, the user was disabled or signed out everywhere while this
             # sign-in was checking what it read before: what it proved no longer holds.

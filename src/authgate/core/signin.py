@@ -9,8 +9,10 @@ the password, on every surface: one that cannot ask for it cannot sign such a us
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
@@ -19,6 +21,7 @@ from authgate.core.throttle import Attempt, ThrottleKey
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
+    from authgate.core.sessions import Tokens
 
 
 @dataclass(slots=True)
@@ -51,6 +54,30 @@ class SignIn:
         """The user whose login id and password these are, or AuthError. A user with TOTP
         enabled must give ``mfa_code`` too (a TOTP or a recovery code): without it the answer
         is MFA_REQUIRED, told only to someone who knows the password."""
+        async with self._signing_in(realm, login_id, password, client, mfa_code) as (signed_in,
+                                                                                      _):
+            return signed_in
+
+    async def password_session(self, realm: Realm, login_id: str, password: str,
+                               client: ClientInfo | None = None, *,
+                               mfa_code: str | None = None, **start: Any) -> Tokens:
+        """``password``, then ``Sessions.start`` (with ``start``'s arguments) for the user it
+        signed in; the attempt's success is written with the session, in one write where
+        there would be two (the throttle's, then the session's)."""
+        client = client or ClientInfo()
+        async with self._signing_in(realm, login_id, password, client, mfa_code) as (
+                signed_in, attempt):
+            return await self.core.sessions.start(
+                realm, signed_in.user, amr=signed_in.amr, client=client,
+                settlement=attempt.settlement() if attempt is not None else None, **start)
+
+    @asynccontextmanager
+    async def _signing_in(self, realm: Realm, login_id: str, password: str,
+                          client: ClientInfo | None,
+                          mfa_code: str | None) -> AsyncIterator[tuple[SignedIn, Attempt | None]]:
+        """The signed-in user, and its attempt when the success is still to be written: the
+        body may carry ``attempt.settlement()`` in a write of its own; if it does not, the
+        success is written on leaving, and a body that fails releases the attempt."""
         client = client or ClientInfo()
         if not login_id or not password or len(password) > self.core.settings.password_max_length:
             # Oversized passwords are refused before any hashing (a cheap denial of service).
@@ -63,6 +90,18 @@ class SignIn:
         try:
             async with self.core.throttle.attempting(keys) as attempt:
                 await self._verify(realm, login_id, password, user, creds, client, attempt)
+                assert user is not None
+                totp = any(c.kind == "totp" and c.confirmed for c in credentials)
+                if not attempt.resolved and (user.status != "active" or totp):
+                    await self._succeeded(attempt)  # before the checks that follow
+                if user.status != "active":
+                    # Told only to someone who knows the password.
+                    raise AuthError(ErrorCode.USER_DISABLED)
+                amr = await self.core.totp.second_factor(realm, user, mfa_code, client=client,
+                                                         enabled=totp)
+                yield SignedIn(user, amr), (None if attempt.resolved else attempt)
+                if not attempt.resolved:
+                    await self._succeeded(attempt)
         except AuthError as exc:
             if exc.code is ErrorCode.TOO_MANY_ATTEMPTS:
                 async with self.core.store.transaction(write=True) as tx:
@@ -70,18 +109,15 @@ class SignIn:
                                                  user_id=user.id if user else None,
                                                  client=client)
             raise
-        assert user is not None
-        if user.status != "active":
-            # Told only to someone who knows the password.
-            raise AuthError(ErrorCode.USER_DISABLED)
-        totp = any(c.kind == "totp" and c.confirmed for c in credentials)
-        amr = await self.core.totp.second_factor(realm, user, mfa_code, client=client,
-                                                 enabled=totp)
-        return SignedIn(user, amr)
+
+    async def _succeeded(self, attempt: Attempt) -> None:
+        async with self.core.store.transaction(write=True, single=True) as tx:
+            await attempt.succeeded(tx)
 
     async def _verify(self, realm: Realm, login_id: str, password: str, user: User | None,
                       creds: list[Credential], client: ClientInfo, attempt: Attempt) -> None:
-        """Check the password of an admitted attempt and record how it ended."""
+        """Check the password of an admitted attempt; a failure is recorded here, a success
+        only where the hash is replaced (with the new hash), else by the caller."""
         if user is None or not creds:
             await self.core.hasher.dummy_verify(password)
             await self._fail(realm, login_id, None, ErrorCode.USER_NOT_FOUND, client, attempt)
@@ -90,10 +126,10 @@ class SignIn:
         result = await self.core.hasher.verify(credential.secret, password)
         if not result.ok:
             await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client, attempt)
-        rehashed = await self.core.hasher.hash(password) if result.needs_rehash else None
-        async with self.core.store.transaction(write=True, single=rehashed is None) as tx:
-            await attempt.succeeded(tx)
-            if rehashed is not None:
+        if result.needs_rehash:
+            rehashed = await self.core.hasher.hash(password)
+            async with self.core.store.transaction(write=True) as tx:
+                await attempt.succeeded(tx)
                 credential.secret, credential.updated_at = rehashed, self.core.now()
                 await tx.credentials.update(credential)
                 await self.core.audit.record(tx, events.PASSWORD_REHASHED,

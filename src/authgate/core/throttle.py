@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ThrottleState, normalise_login_id
+from authgate.core.models import Settlement, ThrottleState, normalise_login_id
 from authgate.crypto.tokens import digest
 
 if TYPE_CHECKING:
@@ -173,7 +173,13 @@ class Throttle:
         """A pending attempt succeeded: ``cleared`` loses its failures (its owner proved who
         they are); each key of ``taken_back`` (an address shared with others) only loses the
         pending attempt."""
-        await tx.throttle.settle(cleared.key, [key.key for key in taken_back], self.core.now())
+        settlement = self.settlement(cleared, taken_back)
+        await tx.throttle.settle(settlement.cleared, settlement.taken_back, settlement.at)
+
+    def settlement(self, cleared: ThrottleKey,
+                   taken_back: Sequence[ThrottleKey] = ()) -> Settlement:
+        """What ``succeeded`` writes, for a write of the caller's to carry."""
+        return Settlement(cleared.key, tuple(key.key for key in taken_back), self.core.now())
 
     async def released(self, keys: list[ThrottleKey]) -> None:
         """A pending attempt ended with neither answer (an error, a cancelled request)."""
@@ -245,17 +251,30 @@ def _refuse_for(wait: float) -> None:
 
 class Attempt:
     """A pending attempt on some keys, for its body to resolve: the first key is the one a
-    success clears (the login id), the others only lose the attempt (the address)."""
+    success clears (the login id), the others only lose the attempt (the address). A success
+    is written by ``succeeded``, or by a write of the body's own that carries ``settlement()``
+    (a sign-in's session opening: one write, not two)."""
 
-    __slots__ = ("_throttle", "keys", "resolved")
+    __slots__ = ("_throttle", "keys", "_resolved", "_settlement")
 
     def __init__(self, throttle: Throttle, keys: list[ThrottleKey]) -> None:
-        self._throttle, self.keys, self.resolved = throttle, keys, False
+        self._throttle, self.keys, self._resolved = throttle, keys, False
+        self._settlement: Settlement | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self._resolved or (self._settlement is not None and self._settlement.written)
 
     async def failed(self, tx: Tx) -> None:
         await self._throttle.failed(tx, self.keys)
-        self.resolved = True
+        self._resolved = True
 
     async def succeeded(self, tx: Tx) -> None:
         await self._throttle.succeeded(tx, self.keys[0], self.keys[1:])
-        self.resolved = True
+        self._resolved = True
+
+    def settlement(self) -> Settlement:
+        """The success, for a write of the body's to carry; the attempt is resolved once that
+        write marks it written (until then, leaving ``attempting`` releases it)."""
+        self._settlement = self._throttle.settlement(self.keys[0], self.keys[1:])
+        return self._settlement

@@ -446,11 +446,13 @@ class SessionRepo(_Repo):
         await self._insert(session)
 
     async def open(self, session: m.Session, token: m.RefreshToken, event: m.AuditEvent,
-                   stamp: str) -> None:
+                   stamp: str, settlement: m.Settlement | None = None) -> None:
         """PostgreSQL: one statement (each write a data-modifying CTE that proceeds only from
         the guarded update of the user row), so one round trip in autocommit; the row lock of
         that update orders it against a new stamp. Elsewhere: the guarded update first, then
-        the writes, in the caller's write transaction (SQLite's writes are serialised)."""
+        the writes, in the caller's write transaction (SQLite's writes are serialised).
+        ``settlement`` is marked written once the statement or the transaction's writes ran
+        (the caller's commit still decides)."""
         if self.conn.dialect.name != "postgresql":
             if not await UserRepo(self.conn).touch_sign_in(session.user_id, session.created_at,
                                                            stamp):
@@ -458,17 +460,28 @@ class SessionRepo(_Repo):
             await self.add(session)
             await RefreshTokenRepo(self.conn).add(token)
             await AuditRepo(self.conn).add(event)
+            if settlement is not None:
+                await ThrottleRepo(self.conn).settle(settlement.cleared, settlement.taken_back,
+                                                     settlement.at)
+                settlement.written = True
             return
         params = {**_params(_values(session), "s_"), **_params(_values(token), "r_"),
                   **_params(_values(event, skip=("id",)), "e_"),
                   "stamp": stamp, "active": "active"}
+        keys: list[str] = []
+        if settlement is not None:
+            keys = _settled_keys(settlement.cleared, settlement.taken_back)
+            params.update(_settle_params(settlement.cleared, keys, settlement.at))
         try:
-            opened = await self.conn.execute(_statement(("open_session",), _open_session_cte),
-                                             params)
+            opened = await self.conn.execute(
+                _statement(("open_session", len(keys)), lambda: _open_session_cte(len(keys))),
+                params)
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
         if opened.first() is None:
             raise StaleUser(session.user_id)
+        if settlement is not None:
+            settlement.written = True
 
     async def get(self, session_id: str) -> m.Session | None:
         return await self._get(id=session_id)
@@ -792,9 +805,11 @@ def _rotations() -> Any:
     return select(*returned).add_cte(successor, touched, audited)
 
 
-def _open_session_cte() -> Any:
+def _open_session_cte(settled_keys: int = 0) -> Any:
     """``SessionRepo.open`` as one PostgreSQL statement. Foreign keys are checked at the end of
-    the statement, when the session row the token refers to exists."""
+    the statement, when the session row the token refers to exists. With ``settled_keys``, the
+    sign-in's throttle settlement too, after the user row's lock (the counters are locked in
+    key order, as every write of them locks them; no writer of the counters locks a user)."""
     def values(table: Table, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         return {c.name: bindparam(prefix + c.name, type_=c.type)
                 for c in table.c if c.name not in skip}
@@ -807,8 +822,11 @@ def _open_session_cte() -> Any:
     user = _touch_signing_in().returning(t.users.c.id).cte("signed_in")
     session = after(t.sessions, "s_", user).returning(t.sessions.c.id).cte("opened")
     token = after(t.refresh_tokens, "r_", session).cte("first_token")
+    ctes = [user, session, token]
+    if settled_keys:
+        ctes.append(_settle_update(settled_keys, select(user.c.id).exists()).cte("settled"))
     return (after(t.audit_events, "e_", user, skip=("id",))
-            .returning(t.audit_events.c.user_id).add_cte(user, session, token))
+            .returning(t.audit_events.c.user_id).add_cte(*ctes))
 
 
 _SESSION, _USER = _loader(t.sessions, m.Session), _loader(t.users, m.User)
@@ -1045,6 +1063,32 @@ def _locked_in_key_order(*where: Any, skip_locked: bool = False) -> Any:
     return select(c.key).where(*where).order_by(c.key).with_for_update(skip_locked=skip_locked)
 
 
+def _settled_keys(cleared: str, taken_back: Sequence[str]) -> list[str]:
+    return sorted({cleared, *taken_back})
+
+
+def _settle_params(cleared: str, keys: list[str], now: datetime) -> dict[str, Any]:
+    return {"settle_now": now, "cleared": cleared,
+            **{f"settle_k{i}": key for i, key in enumerate(keys)}}
+
+
+def _settle_update(count: int, *proceed: Any) -> Any:
+    """``ThrottleRepo.settle`` of ``count`` keys, run only where ``proceed`` holds."""
+    table = t.throttle_counters
+    c = table.c
+    when = bindparam("settle_now", type_=t.UTCDateTime())
+    is_cleared = c.key == bindparam("cleared")
+    lapsed = and_(c.pending_until.is_not(None), c.pending_until <= when)
+    left = case((c.pending > 1, c.pending - 1), else_=0)
+    locked = _locked_in_key_order(
+        c.key.in_([bindparam(f"settle_k{i}") for i in range(count)]), *proceed).cte("locked")
+    return (update(table)
+            .where(c.key.in_(select(locked.c.key)))
+            .values(pending=case((lapsed, 0), else_=left),
+                    failures=case((is_cleared, 0), else_=c.failures),
+                    blocked_until=case((is_cleared, null()), else_=c.blocked_until)))
+
+
 class ThrottleRepo(_Repo):
     table, record = t.throttle_counters, m.ThrottleState
 
@@ -1153,27 +1197,10 @@ class ThrottleRepo(_Repo):
         locks, taken in key order, on PostgreSQL; the writer lock on SQLite): every key loses the
         attempt (all its pending attempts once their lease lapsed by ``now``), and ``cleared``
         also loses its failures and its block. Counters left at zero stay for the purge."""
-        keys = sorted({cleared, *taken_back})
-        dialect = self.conn.dialect.name
-        table = t.throttle_counters
-
-        def build() -> Any:
-            c = table.c
-            when = bindparam("now", type_=t.UTCDateTime())
-            is_cleared = c.key == bindparam("cleared")
-            lapsed = and_(c.pending_until.is_not(None), c.pending_until <= when)
-            left = case((c.pending > 1, c.pending - 1), else_=0)
-            locked = _locked_in_key_order(
-                c.key.in_([bindparam(f"k{i}") for i in range(len(keys))])).cte("locked")
-            return (update(table)
-                    .where(c.key.in_(select(locked.c.key)))
-                    .values(pending=case((lapsed, 0), else_=left),
-                            failures=case((is_cleared, 0), else_=c.failures),
-                            blocked_until=case((is_cleared, null()), else_=c.blocked_until)))
-
-        statement = _statement(("throttle_settle", dialect, len(keys)), build)
-        await self.conn.execute(statement, {"now": now, "cleared": cleared, **{
-            f"k{i}": key for i, key in enumerate(keys)}})
+        keys = _settled_keys(cleared, taken_back)
+        statement = _statement(("throttle_settle", self.conn.dialect.name, len(keys)),
+                               lambda: _settle_update(len(keys)))
+        await self.conn.execute(statement, _settle_params(cleared, keys, now))
 
     async def clear(self, key: str) -> None:
         c = t.throttle_counters.c
