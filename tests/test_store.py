@@ -730,6 +730,37 @@ async def test_a_sign_in_reads_the_user_with_its_password_and_totp_only(core: Co
         assert await tx.users.for_sign_in(realm.id, "nobody@example.com") is None
 
 
+async def test_a_sign_in_reads_the_user_and_its_counters_at_once(core: Core, realm: Realm):
+    """What ``for_sign_in`` and ``read_many`` give, together: for a user with credentials,
+    one without, and a login id no one has; each counter in the order asked, None where
+    absent."""
+    user = a_user(realm, email=f"{new_id()}@example.com")
+    bare = a_user(realm, email=f"{new_id()}@example.com")
+    kept = ThrottleState(key=f"test:{new_id()}", failures=3, window_started_at=utcnow(),
+                         pending=1, pending_until=utcnow() + timedelta(seconds=60))
+    absent = f"test:{new_id()}"
+    async with core.store.transaction(write=True) as tx:
+        await tx.users.add(user)
+        await tx.users.add(bare)
+        for kind in ("totp", "password", "recovery_code"):
+            await tx.credentials.add(Credential(id=new_id(), user_id=user.id, kind=kind,
+                                                secret=f"{kind}-secret"))
+        await tx.throttle.save(kept)
+    for login_id in (user.email.upper(), bare.email, "nobody@example.com"):
+        for keys in ([absent, kept.key], [kept.key]):
+            async with core.store.transaction() as tx:
+                together = await tx.users.for_sign_in_and_counters(realm.id, login_id, keys)
+                apart = (await tx.users.for_sign_in(realm.id, login_id),
+                         await tx.throttle.read_many(keys))
+            assert together == apart
+            assert together[1] == [kept if key == kept.key else None for key in keys]
+    assert together[0] is None
+    async with core.store.transaction() as tx:
+        found, _ = await tx.users.for_sign_in_and_counters(realm.id, user.email, [absent])
+    assert found is not None and found[0] == user
+    assert [c.kind for c in found[1]] == ["totp", "password"]  # oldest first, no others
+
+
 async def test_throttle_counters_are_locked_together_and_made_where_absent(core: Core):
     now = utcnow()
     keys = [f"test:{new_id()}" for _ in range(3)]

@@ -353,7 +353,7 @@ async def test_right_and_wrong_passwords_at_once_never_deadlock(core: Core, real
         here = ClientInfo(ip="198.51.100.9")
         # The login id's counter made first, so a scan in table order meets it first, while
         # key order puts the address's ("ip:...") first.
-        keys = await loose.signin._throttle_keys(realm, email, None, here)
+        keys = loose.signin._throttle_keys(realm, email, here)
         for key in keys:
             async with loose.store.transaction(write=True) as tx:
                 await tx.throttle.lock_many([key.key], loose.now())
@@ -754,3 +754,28 @@ async def test_a_sign_in_that_fails_after_its_session_opened_takes_its_attempt_b
     login, address = await _counters(core, realm, email, ip)
     assert (login.failures, login.pending) == (0, 0)
     assert address.pending == 1
+
+
+async def test_a_sign_in_decides_its_admission_on_counters_read_with_the_user(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Where statements are round trips (PostgreSQL), the compare-and-set decides on the
+    counters read in the user's statement, with no read of its own; SQLite admits by its
+    locking write, reading nothing apart either."""
+    from authgate.store.repositories import ThrottleRepo
+    from tests.conftest import recorded_calls
+
+    email, here = unique_email(), ClientInfo(ip="198.51.100.64")
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await core.signin.password(realm, email, PASSWORD, here)  # the counters exist now
+    reads = recorded_calls(monkeypatch, ThrottleRepo, "read_many")
+    replaced: list[bool] = []
+    replace = ThrottleRepo.replace_if_unchanged
+
+    async def recording(self: ThrottleRepo, expected: object, new: object) -> bool:
+        replaced.append(await replace(self, expected, new))
+        return replaced[-1]
+
+    monkeypatch.setattr(ThrottleRepo, "replace_if_unchanged", recording)
+    await core.signin.password(realm, email, PASSWORD, here)
+    assert reads == []
+    assert replaced == ([True] if core.store.round_trips else [])

@@ -78,6 +78,11 @@ class UserRepo(Protocol):
         """The user a login id names, with its password and TOTP credentials (oldest first),
         in one read."""
         ...
+    async def for_sign_in_and_counters(
+            self, realm_id: str, login_id: str, keys: Sequence[str],
+    ) -> tuple[tuple[User, list[Credential]] | None, list[ThrottleState | None]]:
+        """``for_sign_in`` and ``ThrottleRepo.read_many(keys)`` in one read."""
+        ...
     async def by_external_id(self, realm_id: str, external_id: str) -> User | None: ...
     async def update(self, user: User) -> None:
         """Write the user's profile fields; never its status, security stamp or last sign-in,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
 from authgate.core.errors import AuthError, ErrorCode
-from authgate.core.models import ClientInfo, Credential, Realm, User
+from authgate.core.models import ClientInfo, Credential, Realm, ThrottleState, User
 from authgate.core.throttle import Attempt, ThrottleKey
 
 if TYPE_CHECKING:
@@ -36,13 +36,11 @@ class SignIn:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    async def _throttle_keys(self, realm: Realm, login_id: str, user: User | None,
-                             client: ClientInfo) -> list[ThrottleKey]:
-        """The per-login key moves to a per-device key when the request comes from a device the
-        user has signed in from before, so strangers' failures cannot lock the owner out."""
+    def _throttle_keys(self, realm: Realm, login_id: str, client: ClientInfo,
+                       device_id: str | None = None) -> list[ThrottleKey]:
+        """The login id's key (a remembered device's, with ``device_id``) and the address's."""
         throttle = self.core.throttle
-        device = await self.core.devices.remembered(user, client.device_key) if user else None
-        keys = [throttle.login_key(realm.id, login_id, device.id if device else None)]
+        keys = [throttle.login_key(realm.id, login_id, device_id)]
         address = throttle.address_key(realm.id, client.ip)
         if address is not None:
             keys.append(address)
@@ -82,13 +80,23 @@ class SignIn:
         if not login_id or not password or len(password) > self.core.settings.password_max_length:
             # Oversized passwords are refused before any hashing (a cheap denial of service).
             raise AuthError(ErrorCode.INVALID_CREDENTIALS)
+        keys = self._throttle_keys(realm, login_id, client)
+        read: list[ThrottleState | None] | None = None
         async with self.core.store.transaction() as tx:
-            found = await tx.users.for_sign_in(realm.id, login_id)
+            if self.core.store.round_trips:  # the admission reads the counters: read them now
+                found, read = await tx.users.for_sign_in_and_counters(
+                    realm.id, login_id, [key.key for key in keys])
+            else:
+                found = await tx.users.for_sign_in(realm.id, login_id)
         user, credentials = found if found is not None else (None, [])
         creds = [c for c in credentials if c.kind == "password"]
-        keys = await self._throttle_keys(realm, login_id, user, client)
+        # The per-login key moves to a per-device key when the request comes from a device the
+        # user has signed in from before, so strangers' failures cannot lock the owner out.
+        device = await self.core.devices.remembered(user, client.device_key) if user else None
+        if device is not None:
+            keys, read = self._throttle_keys(realm, login_id, client, device.id), None
         try:
-            async with self.core.throttle.attempting(keys) as attempt:
+            async with self.core.throttle.attempting(keys, read=read) as attempt:
                 await self._verify(realm, login_id, password, user, creds, client, attempt)
                 assert user is not None
                 totp = any(c.kind == "totp" and c.confirmed for c in credentials)

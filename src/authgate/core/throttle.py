@@ -102,11 +102,13 @@ class Throttle:
         return ThrottleKey(f"{scope}:{digest(value)}", free_attempts)
 
     @asynccontextmanager
-    async def attempting(self, keys: list[ThrottleKey]) -> AsyncIterator[Attempt]:
+    async def attempting(self, keys: list[ThrottleKey], *,
+                         read: Sequence[ThrottleState | None] | None = None
+                         ) -> AsyncIterator[Attempt]:
         """``attempt``, then the body, which says how it ended (``Attempt.failed`` or
         ``succeeded``, inside its write); a body that ends otherwise (an error, a cancelled
         request) releases the pending attempt."""
-        await self.attempt(keys)
+        await self.attempt(keys, read=read)
         attempt = Attempt(self, keys)
         try:
             yield attempt
@@ -114,22 +116,26 @@ class Throttle:
             if not attempt.resolved:
                 await self.released(keys)
 
-    async def attempt(self, keys: list[ThrottleKey]) -> None:
+    async def attempt(self, keys: list[ThrottleKey], *,
+                      read: Sequence[ThrottleState | None] | None = None) -> None:
         """Admit an attempt on every key, pending until ``failed`` or ``succeeded``; or
         TOO_MANY_ATTEMPTS, with nothing counted, when a key is blocked or has as many attempts
-        pending as it allows."""
+        pending as it allows. ``read``: the keys' counters as the caller just read them (None
+        where absent), which spares the compare-and-set its own read."""
         now = self.core.now()
-        if self.core.store.round_trips and await self._admitted_unlocked(keys, now):
+        if self.core.store.round_trips and await self._admitted_unlocked(keys, now, read):
             return
         async with self.core.store.transaction(write=True) as tx:
             states = await self._locked(tx, keys, now)
             self._admit(keys, states, now)
             await tx.throttle.save(*states)
 
-    async def _admitted_unlocked(self, keys: list[ThrottleKey], now: datetime) -> bool:
+    async def _admitted_unlocked(self, keys: list[ThrottleKey], now: datetime,
+                                 read: Sequence[ThrottleState | None] | None = None) -> bool:
         """The common case without a locking transaction, for a store whose statements are
         round trips: two statements in autocommit, where the locking write takes four (BEGIN,
-        two statements, COMMIT). The counters are read, the attempt decided on what was read,
+        two statements, COMMIT), or one when the caller read the counters with a read of its
+        own (a sign-in, with the user). The counters are read, the attempt decided on what was read,
         and the decision written only if no counter changed meanwhile (compare-and-set), so it
         is the decision the locking path would have made. A refusal writes nothing, so it needs
         no lock. False, with nothing written, when a counter does not exist yet or changed: the
@@ -137,17 +143,19 @@ class Throttle:
         read.)"""
         if len({key.key for key in keys}) != len(keys):
             return False
-        async with self.core.store.transaction() as tx:
-            found = await tx.throttle.read_many([key.key for key in keys])
-        states = [state for state in found if state is not None]
-        if len(states) != len(keys):
+        if read is None:
+            async with self.core.store.transaction() as tx:
+                read = await tx.throttle.read_many([key.key for key in keys])
+        if len(read) != len(keys) or any(
+                state is None or state.key != key.key for key, state in zip(keys, read)):
             return False
-        read = [replace(state) for state in states]
+        states = [replace(state) for state in read if state is not None]
+        expected = [replace(state) for state in states]
         for state in states:
             self._expire(state, now)
         self._admit(keys, states, now)
         async with self.core.store.transaction(write=True, single=True) as tx:
-            return await tx.throttle.replace_if_unchanged(read, states)
+            return await tx.throttle.replace_if_unchanged(expected, states)
 
     def _admit(self, keys: list[ThrottleKey], states: list[ThrottleState],
                now: datetime) -> None:
