@@ -135,12 +135,12 @@ class Throttle:
         """The common case without a locking transaction, for a store whose statements are
         round trips: two statements in autocommit, where the locking write takes four (BEGIN,
         two statements, COMMIT), or one when the caller read the counters with a read of its
-        own (a sign-in, with the user). The counters are read, the attempt decided on what was read,
-        and the decision written only if no counter changed meanwhile (compare-and-set), so it
-        is the decision the locking path would have made. A refusal writes nothing, so it needs
-        no lock. False, with nothing written, when a counter does not exist yet or changed: the
-        locking path decides then. (On SQLite the locking write is cheaper than the extra
-        read.)"""
+        own (a sign-in, with the user). The counters are read, the attempt decided on what was
+        read, and the decision written only if no counter changed meanwhile (compare-and-set),
+        so it is the decision the locking path would have made. A refusal writes nothing, so
+        it needs no lock. False, with nothing written, when a counter does not exist yet or
+        changed: the locking path decides then. (On SQLite the locking write is cheaper than
+        the extra read.)"""
         if len({key.key for key in keys}) != len(keys):
             return False
         if read is None:
