@@ -157,36 +157,52 @@ async def test_a_counter_is_replaced_only_if_none_of_the_set_changed(core: Core,
     assert [state.pending if state else None for state in states] == [4, None, 4]
 
 
+@pytest.mark.parametrize("changes", [1, 2])
 @pytest.mark.parametrize("change", ["attempt", "spend"])
 async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_again(
-        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, change: str):
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, change: str, changes: int):
     """Where the store's statements are round trips the admission reads the counters without
     a lock and writes its decision only if they did not change; a change between the two
-    (another node's attempt or failure) sends it to the locking path, and nothing is lost or
-    counted twice. Made to run on both stores."""
+    (another node's attempt or failure) has it decided once more without a lock, and a second
+    change sends it to the locking path. Nothing is lost or counted twice. Made to run on
+    both stores."""
     from authgate.store.repositories import ThrottleRepo
 
     monkeypatch.setattr(core.store, "round_trips", True)
     key = core.throttle.scoped_key("test", unique_email(), 1000)
     await core.throttle.attempt([key])  # the counter exists: the unlocked path applies
-    read_many = ThrottleRepo.read_many
-    interfered = []
+    read_many, lock_many = ThrottleRepo.read_many, ThrottleRepo.lock_many
+    interfered: list[bool] = []
+    locked: list[bool] = []
+    busy = False  # while the other attempt runs: its own statements are not disturbed
 
     async def read_then_change(self: ThrottleRepo, keys: list[str]) -> list:
+        nonlocal busy
         found = await read_many(self, keys)
-        if not interfered:  # once: the locking path's own read is not disturbed
-            interfered.append(True)
-            await (core.throttle.spend([key]) if change == "spend"
-                   else core.throttle.attempt([key]))
+        if not busy and len(interfered) < changes:
+            busy = True
+            try:
+                interfered.append(True)
+                await (core.throttle.spend([key]) if change == "spend"
+                       else core.throttle.attempt([key]))
+            finally:
+                busy = False
         return found
 
+    async def counted(self: ThrottleRepo, *args: object, **kwargs: object) -> object:
+        if not busy:
+            locked.append(True)
+        return await lock_many(self, *args, **kwargs)
+
     monkeypatch.setattr(ThrottleRepo, "read_many", read_then_change)
+    monkeypatch.setattr(ThrottleRepo, "lock_many", counted)
     await core.throttle.attempt([key])
     async with core.store.transaction() as tx:
         state = await tx.throttle.get(key.key)
-    assert interfered
-    pending = 3 if change == "attempt" else 2
-    assert (state.pending, state.failures) == (pending, 1 if change == "spend" else 0)
+    assert len(interfered) == changes
+    pending = 2 + changes if change == "attempt" else 2
+    assert (state.pending, state.failures) == (pending, changes if change == "spend" else 0)
+    assert bool(locked) is (changes == 2)
 
 
 async def test_an_unlocked_admission_refuses_without_writing(strict: Core, realm: Realm,

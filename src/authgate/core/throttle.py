@@ -123,32 +123,41 @@ class Throttle:
         pending as it allows. ``read``: the keys' counters as the caller just read them (None
         where absent), which spares the compare-and-set its own read."""
         now = self.core.now()
-        if self.core.store.round_trips and await self._admitted_unlocked(keys, now, read):
-            return
+        if self.core.store.round_trips:
+            admitted = await self._admitted_unlocked(keys, now, read)
+            if admitted is False:
+                # A counter changed between the read and the write (attempts from one busy
+                # address): decided once more on the counters as they are now, before taking
+                # the locking write (four round trips, where this is two).
+                now = self.core.now()
+                admitted = await self._admitted_unlocked(keys, now)
+            if admitted:
+                return
         async with self.core.store.transaction(write=True) as tx:
             states = await self._locked(tx, keys, now)
             self._admit(keys, states, now)
             await tx.throttle.save(*states)
 
     async def _admitted_unlocked(self, keys: list[ThrottleKey], now: datetime,
-                                 read: Sequence[ThrottleState | None] | None = None) -> bool:
+                                 read: Sequence[ThrottleState | None] | None = None
+                                 ) -> bool | None:
         """The common case without a locking transaction, for a store whose statements are
         round trips: two statements in autocommit, where the locking write takes four (BEGIN,
         two statements, COMMIT), or one when the caller read the counters with a read of its
         own (a sign-in, with the user). The counters are read, the attempt decided on what was
         read, and the decision written only if no counter changed meanwhile (compare-and-set),
         so it is the decision the locking path would have made. A refusal writes nothing, so
-        it needs no lock. False, with nothing written, when a counter does not exist yet or
-        changed: the locking path decides then. (On SQLite the locking write is cheaper than
-        the extra read.)"""
+        it needs no lock. False, with nothing written, when a counter changed; None when one
+        does not exist yet (only the locking write makes it). (On SQLite the locking write is
+        cheaper than the extra read.)"""
         if len({key.key for key in keys}) != len(keys):
-            return False
+            return None
         if read is None:
             async with self.core.store.transaction() as tx:
                 read = await tx.throttle.read_many([key.key for key in keys])
         if len(read) != len(keys) or any(
                 state is None or state.key != key.key for key, state in zip(keys, read)):
-            return False
+            return None
         states = [replace(state) for state in read if state is not None]
         expected = [replace(state) for state in states]
         for state in states:
