@@ -4,6 +4,7 @@ withdrawn from the JWKS."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -157,20 +158,12 @@ async def test_a_counter_is_replaced_only_if_none_of_the_set_changed(core: Core,
     assert [state.pending if state else None for state in states] == [4, None, 4]
 
 
-@pytest.mark.parametrize("changes", [1, 2])
-@pytest.mark.parametrize("change", ["attempt", "spend"])
-async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_again(
-        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, change: str, changes: int):
-    """Where the store's statements are round trips the admission reads the counters without
-    a lock and writes its decision only if they did not change; a change between the two
-    (another node's attempt or failure) has it decided once more without a lock, and a second
-    change sends it to the locking path. Nothing is lost or counted twice. Made to run on
-    both stores."""
+async def _interfering(core: Core, monkeypatch: pytest.MonkeyPatch, changes: int,
+                       change: Any) -> tuple[list[bool], list[bool]]:
+    """The first ``changes`` reads of counters by an admission each followed by ``change``
+    (another attempt's work), and whether the locking path ran."""
     from authgate.store.repositories import ThrottleRepo
 
-    monkeypatch.setattr(core.store, "round_trips", True)
-    key = core.throttle.scoped_key("test", unique_email(), 1000)
-    await core.throttle.attempt([key])  # the counter exists: the unlocked path applies
     read_many, lock_many = ThrottleRepo.read_many, ThrottleRepo.lock_many
     interfered: list[bool] = []
     locked: list[bool] = []
@@ -183,8 +176,7 @@ async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_ag
             busy = True
             try:
                 interfered.append(True)
-                await (core.throttle.spend([key]) if change == "spend"
-                       else core.throttle.attempt([key]))
+                await change()
             finally:
                 busy = False
         return found
@@ -196,12 +188,121 @@ async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_ag
 
     monkeypatch.setattr(ThrottleRepo, "read_many", read_then_change)
     monkeypatch.setattr(ThrottleRepo, "lock_many", counted)
+    return interfered, locked
+
+
+async def test_an_admission_on_a_counter_that_gained_pending_attempts_meanwhile_is_written(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Another attempt admitted between the read and the write changes the pending count,
+    not what decides: the admission is written on what the counter holds then, once, with
+    no second read and no lock. Made to run on both stores."""
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    await core.throttle.attempt([key])  # the counter exists, one attempt pending
+    interfered, locked = await _interfering(core, monkeypatch, 2,
+                                            lambda: core.throttle.attempt([key]))
+    await core.throttle.attempt([key])
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert (len(interfered), locked) == (1, [])
+    assert (state.pending, state.failures) == (3, 0)
+
+
+async def test_an_admission_over_the_allowance_by_then_is_decided_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """A key that allows two at once, with one pending when read and two by the write: the
+    admission is not written, and decided again it is refused (retry in a second), with
+    nothing counted."""
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 2)
+    await core.throttle.attempt([key])
+    interfered, _ = await _interfering(core, monkeypatch, 1,
+                                       lambda: core.throttle.attempt([key]))
+    with pytest.raises(AuthError) as refused:
+        await core.throttle.attempt([key])
+    assert refused.value.code is ErrorCode.TOO_MANY_ATTEMPTS
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert (state.pending, state.failures) == (2, 0)
+
+
+async def test_an_admission_on_a_counter_emptied_meanwhile_starts_its_window(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The other pending attempt ends well between the read and the write: the counter is
+    empty, and an attempt on an empty counter starts its window, so the admission is
+    decided again on what the counter holds and written whole."""
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    long_ago = utcnow() - timedelta(seconds=core.settings.throttle_window - 2)
+    async with core.store.transaction(write=True) as tx:
+        await tx.throttle.save(ThrottleState(key=key.key, failures=0, window_started_at=long_ago,
+                                             pending=1,
+                                             pending_until=utcnow() + timedelta(seconds=60)))
+
+    async def ended_well() -> None:
+        async with core.store.transaction(write=True, single=True) as tx:
+            await core.throttle.succeeded(tx, key)
+
+    interfered, locked = await _interfering(core, monkeypatch, 1, ended_well)
+    await core.throttle.attempt([key])
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert (len(interfered), locked) == (1, [])
+    assert state.pending == 1
+    assert state.window_started_at > utcnow() - timedelta(seconds=5)
+
+
+async def test_an_admission_on_attempts_that_lapsed_meanwhile_forgets_them(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """Pending attempts whose lease has lapsed by the time the admission is decided (a
+    crashed node's, written with its own clock) are forgotten, not counted on."""
+    from datetime import timedelta
+
+    from authgate.core.models import ThrottleState, utcnow
+
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    await core.throttle.attempt([key])
+    read: list[ThrottleState] = []
+
+    async def lapsed() -> None:
+        async with core.store.transaction() as tx:
+            state = await tx.throttle.get(key.key)
+        read.append(state)
+        async with core.store.transaction(write=True) as tx:
+            await tx.throttle.save(ThrottleState(
+                key=key.key, failures=state.failures, window_started_at=state.window_started_at,
+                pending=3, pending_until=utcnow() - timedelta(seconds=1)))
+
+    await _interfering(core, monkeypatch, 1, lapsed)
+    await core.throttle.attempt([key])
+    async with core.store.transaction() as tx:
+        state = await tx.throttle.get(key.key)
+    assert read and state.pending == 1
+
+
+@pytest.mark.parametrize("changes", [1, 2])
+async def test_an_admission_decided_on_a_counter_changed_meanwhile_is_decided_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, changes: int):
+    """Where the store's statements are round trips the admission reads the counters without
+    a lock and writes its decision only if what decides did not change; a failure counted
+    between the two (another node's) has it decided once more without a lock, and a second
+    one sends it to the locking path. Nothing is lost or counted twice. Made to run on both
+    stores."""
+    monkeypatch.setattr(core.store, "round_trips", True)
+    key = core.throttle.scoped_key("test", unique_email(), 1000)
+    await core.throttle.attempt([key])  # the counter exists: the unlocked path applies
+    interfered, locked = await _interfering(core, monkeypatch, changes,
+                                            lambda: core.throttle.spend([key]))
     await core.throttle.attempt([key])
     async with core.store.transaction() as tx:
         state = await tx.throttle.get(key.key)
     assert len(interfered) == changes
-    pending = 2 + changes if change == "attempt" else 2
-    assert (state.pending, state.failures) == (pending, changes if change == "spend" else 0)
+    assert (state.pending, state.failures) == (2, changes)
     assert bool(locked) is (changes == 2)
 
 
@@ -787,8 +888,8 @@ async def test_a_sign_in_decides_its_admission_on_counters_read_with_the_user(
     replaced: list[bool] = []
     replace = ThrottleRepo.replace_if_unchanged
 
-    async def recording(self: ThrottleRepo, expected: object, new: object) -> bool:
-        replaced.append(await replace(self, expected, new))
+    async def recording(self: ThrottleRepo, expected: Any, new: Any, **kwargs: Any) -> bool:
+        replaced.append(await replace(self, expected, new, **kwargs))
         return replaced[-1]
 
     monkeypatch.setattr(ThrottleRepo, "replace_if_unchanged", recording)

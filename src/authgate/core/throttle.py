@@ -162,9 +162,16 @@ class Throttle:
         expected = [replace(state) for state in states]
         for state in states:
             self._expire(state, now)
+        # A counter that already holds pending attempts, and that nothing lapsed on, is given
+        # one more on what it holds when written, as long as what decided still holds: other
+        # attempts from one busy address come and go between the read and the write.
+        at_most = [self._allowance(key, state) - 1
+                   if state == old and state.pending >= 1 and state.pending_until is not None
+                   else None for key, state, old in zip(keys, states, expected)]
         self._admit(keys, states, now)
         async with self.core.store.transaction(write=True, single=True) as tx:
-            return await tx.throttle.replace_if_unchanged(expected, states)
+            return await tx.throttle.replace_if_unchanged(expected, states,
+                                                          pending_at_most=at_most, now=now)
 
     def _admit(self, keys: list[ThrottleKey], states: list[ThrottleState],
                now: datetime) -> None:
@@ -249,8 +256,12 @@ class Throttle:
         blocked = self._blocked_for(state, now)
         if blocked > 0:
             return blocked
-        allowance = max(key.free_attempts - state.failures, 1)
-        return BUSY_SECONDS if state.pending >= allowance else 0.0
+        return BUSY_SECONDS if state.pending >= self._allowance(key, state) else 0.0
+
+    @staticmethod
+    def _allowance(key: ThrottleKey, state: ThrottleState) -> int:
+        """How many attempts the key admits at once: its free attempts left, at least one."""
+        return max(key.free_attempts - state.failures, 1)
 
     @staticmethod
     def _blocked_for(state: ThrottleState, now: datetime) -> float:

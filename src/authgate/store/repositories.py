@@ -1111,6 +1111,10 @@ def _locked_in_key_order(*where: Any, skip_locked: bool = False) -> Any:
     return select(c.key).where(*where).order_by(c.key).with_for_update(skip_locked=skip_locked)
 
 
+# What an admission decides on, beside the pending count (``replace_if_unchanged``).
+_DECIDING = ("failures", "window_started_at", "blocked_until")
+
+
 def _settled_keys(cleared: str, taken_back: Sequence[str]) -> list[str]:
     return sorted({cleared, *taken_back})
 
@@ -1179,42 +1183,75 @@ class ThrottleRepo(_Repo):
         return [found.get(key) for key in keys]
 
     async def replace_if_unchanged(self, expected: Sequence[m.ThrottleState],
-                                   new: Sequence[m.ThrottleState]) -> bool:
+                                   new: Sequence[m.ThrottleState], *,
+                                   pending_at_most: Sequence[int | None] = (),
+                                   now: datetime | None = None) -> bool:
         """Write ``new`` over the counters of the same keys if every one of them is still as
         ``expected`` (compare-and-set), all or none, in one statement that is atomic by itself:
         the rows are locked in key order first, as ``lock_many`` and ``settle`` lock them, and
         a row changed meanwhile is not counted as locked (PostgreSQL checks the row's latest
-        version), so that nothing is written. Returns whether it was written."""
-        pairs = sorted(zip(expected, new, strict=True), key=lambda pair: pair[0].key)
-        if any(old.key != state.key for old, state in pairs):
+        version), so that nothing is written. Returns whether it was written.
+
+        A key given a number in ``pending_at_most`` (in the order of ``expected``) is instead
+        one more pending attempt on what it holds now: it qualifies while its failures, window
+        and block are as expected, it holds between 1 and that many pending attempts whose
+        lease has not lapsed by ``now``, and it gets one more, with ``new``'s lease. (Other
+        attempts on a busy address change its pending count, not what decides an admission.)"""
+        counted = list(pending_at_most) or [None] * len(expected)
+        triples = sorted(zip(expected, new, counted, strict=True),
+                         key=lambda triple: triple[0].key)
+        if any(old.key != state.key for old, state, _ in triples):
             raise ValueError("expected and new counters must name the same keys")
+        if any(at_most is not None and (now is None or any(
+                getattr(old, name) != getattr(state, name) for name in _DECIDING))
+               for old, state, at_most in triples):
+            raise ValueError("a counted key keeps its failures, window and block, given now")
         table = t.throttle_counters
         names = [c.name for c in table.c if c.name != "key"]
+        shape = tuple(at_most is not None for _, _, at_most in triples)
 
         def build() -> Any:
             c = table.c
-            unchanged = or_(*(and_(c.key == bindparam(f"k{i}"), *(
-                c[name].is_not_distinct_from(bindparam(f"e_{name}{i}", type_=c[name].type))
-                for name in names)) for i in range(len(pairs))))
+
+            def qualifies(i: int, by_count: bool) -> Any:
+                compared = _DECIDING if by_count else names
+                same = [c[name].is_not_distinct_from(
+                    bindparam(f"e_{name}{i}", type_=c[name].type)) for name in compared]
+                if by_count:
+                    same += [c.pending.between(1, bindparam(f"m{i}")),
+                             c.pending_until > bindparam("now", type_=t.UTCDateTime())]
+                return and_(c.key == bindparam(f"k{i}"), *same)
+
+            def written(i: int, name: str, by_count: bool) -> Any:
+                if by_count and name == "pending":
+                    return c.pending + 1
+                return bindparam(f"n_{name}{i}", type_=c[name].type)
+
+            unchanged = or_(*(qualifies(i, by_count) for i, by_count in enumerate(shape)))
             locked = _locked_in_key_order(unchanged).cte("locked")
-            all_locked = select(func.count()).select_from(locked).scalar_subquery() == len(pairs)
+            all_locked = select(func.count()).select_from(locked).scalar_subquery() == len(shape)
             return (update(table)
-                    .where(c.key.in_([bindparam(f"k{i}") for i in range(len(pairs))]),
+                    .where(c.key.in_([bindparam(f"k{i}") for i in range(len(shape))]),
                            all_locked)
                     .values({name: case(*((c.key == bindparam(f"k{i}"),
-                                           bindparam(f"n_{name}{i}", type_=c[name].type))
-                                          for i in range(len(pairs))))
+                                           written(i, name, by_count))
+                                          for i, by_count in enumerate(shape)))
                              for name in names})
                     .returning(c.key))  # sqlite3 counts no rows for a statement led by WITH
 
-        statement = _statement(("throttle_replace", len(pairs)), build)
+        statement = _statement(("throttle_replace", shape), build)
         params: dict[str, Any] = {}
-        for i, (old, state) in enumerate(pairs):
+        for i, (old, state, at_most) in enumerate(triples):
             params[f"k{i}"] = old.key
             for name in names:
                 params[f"e_{name}{i}"] = getattr(old, name)
                 params[f"n_{name}{i}"] = getattr(state, name)
+            if at_most is not None:
+                params[f"m{i}"] = at_most
+        if any(shape):
+            params["now"] = now
         written = len(list(await self.conn.execute(statement, params)))
+        pairs = triples
         if written not in (0, len(pairs)):  # the statement writes all or none: never partly
             raise RuntimeError("throttle counters replaced in part")
         return written == len(pairs)
