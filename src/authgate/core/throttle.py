@@ -145,11 +145,12 @@ class Throttle:
         round trips: two statements in autocommit, where the locking write takes four (BEGIN,
         two statements, COMMIT), or one when the caller read the counters with a read of its
         own (a sign-in, with the user). The counters are read, the attempt decided on what was
-        read, and the decision written only if no counter changed meanwhile (compare-and-set),
-        so it is the decision the locking path would have made. A refusal writes nothing, so
-        it needs no lock. False, with nothing written, when a counter changed; None when one
-        does not exist yet (only the locking write makes it). (On SQLite the locking write is
-        cheaper than the extra read.)"""
+        read, and the decision written only if nothing that decided it changed meanwhile
+        (compare-and-set; a busy counter's pending count may, within the allowance), so it is
+        the decision the locking path would have made on the counters as written. A refusal
+        writes nothing, so it needs no lock. False, with nothing written, when a counter
+        changed; None when one does not exist yet (only the locking write makes it). (On
+        SQLite the locking write is cheaper than the extra read.)"""
         if len({key.key for key in keys}) != len(keys):
             return None
         if read is None:

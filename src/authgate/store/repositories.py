@@ -1251,10 +1251,9 @@ class ThrottleRepo(_Repo):
         if any(shape):
             params["now"] = now
         written = len(list(await self.conn.execute(statement, params)))
-        pairs = triples
-        if written not in (0, len(pairs)):  # the statement writes all or none: never partly
+        if written not in (0, len(triples)):  # the statement writes all or none: never partly
             raise RuntimeError("throttle counters replaced in part")
-        return written == len(pairs)
+        return written == len(triples)
 
     async def save(self, *states: m.ThrottleState) -> None:
         """Write counters back (an upsert: the rows exist once locked, but a counter may be
