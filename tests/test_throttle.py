@@ -896,3 +896,36 @@ async def test_a_sign_in_decides_its_admission_on_counters_read_with_the_user(
     await core.signin.password(realm, email, PASSWORD, here)
     assert reads == []
     assert replaced == ([True] if core.store.round_trips else [])
+
+
+async def test_an_attempt_cancelled_while_its_admission_is_written_is_released(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The client goes away while the admission's write is in flight: the store commits it
+    all the same, and the attempt is taken back once it has, not left pending for its
+    lease."""
+    import asyncio
+
+    key = core.throttle.scoped_key("test", unique_email(), 10)
+    await core.throttle.attempt([key])
+    await core.throttle.released([key])  # the counter exists, at rest
+    written = asyncio.Event()
+    attempt = core.throttle.attempt
+
+    async def slow_reply(keys: Any, **kwargs: Any) -> None:
+        await attempt(keys, **kwargs)  # written in the store
+        written.set()
+        await asyncio.sleep(0.3)  # its answer still on the way
+
+    monkeypatch.setattr(core.throttle, "attempt", slow_reply)
+
+    async def signing_in() -> None:
+        async with core.throttle.attempting([key]):
+            raise AssertionError("the body never runs")
+
+    task = asyncio.create_task(signing_in())
+    await asyncio.wait_for(written.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with core.store.transaction() as tx:
+        assert (await tx.throttle.get(key.key)).pending == 0

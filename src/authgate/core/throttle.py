@@ -23,6 +23,7 @@ digest of what the client sent (a login id of any length), never the value itsel
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -107,8 +108,18 @@ class Throttle:
                          ) -> AsyncIterator[Attempt]:
         """``attempt``, then the body, which says how it ended (``Attempt.failed`` or
         ``succeeded``, inside its write); a body that ends otherwise (an error, a cancelled
-        request) releases the pending attempt."""
-        await self.attempt(keys, read=read)
+        request) releases the pending attempt. A request cancelled while its admission is
+        being written releases it once written: the store may still commit it."""
+        admitting = asyncio.ensure_future(self.attempt(keys, read=read))
+        try:
+            await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            try:
+                await admitting
+            except Exception:  # noqa: BLE001 - not admitted: nothing to release
+                raise asyncio.CancelledError from None
+            await self.released(keys)
+            raise
         attempt = Attempt(self, keys)
         try:
             yield attempt
