@@ -288,24 +288,11 @@ class UserRepo(_Repo):
 
     async def for_sign_in(self, realm_id: str,
                           login_id: str) -> tuple[m.User, list[m.Credential]] | None:
-        c = t.credentials.c
         query = _statement(("users_for_sign_in",), lambda: (
-            select(t.users, t.credentials)
-            .join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
-            .outerjoin(t.credentials, and_(
-                c.user_id == t.users.c.id,
-                or_(c.kind == bindparam("password"), c.kind == bindparam("totp"))))
-            .where(t.login_ids.c.realm_id == bindparam("realm_id"),
-                   t.login_ids.c.value == bindparam("value"))
-            .order_by(c.created_at)))
-        rows = list(await self.conn.execute(query, {
-            "realm_id": realm_id, "value": normalise_login_id(login_id),
-            "password": "password", "totp": "totp"}))
-        if not rows:
-            return None
-        width = len(t.users.c)
-        return _USER(rows[0][:width]), [_CREDENTIAL(row[width:]) for row in rows
-                                        if row[width] is not None]
+            select(t.users, t.credentials).select_from(_signing_in())
+            .where(_named_by_login_id()).order_by(t.credentials.c.created_at)))
+        rows = list(await self.conn.execute(query, _sign_in_params(realm_id, login_id)))
+        return _user_and_credentials(rows)
 
     async def for_sign_in_and_counters(
             self, realm_id: str, login_id: str, keys: Sequence[str],
@@ -319,20 +306,13 @@ class UserRepo(_Repo):
         rows = list(await self.conn.execute(
             _statement(("users_for_sign_in_and_counters", len(keys)),
                        lambda: _for_sign_in_and_counters(len(keys))),
-            {"realm_id": realm_id, "value": normalise_login_id(login_id),
-             "password": "password", "totp": "totp",
+            {**_sign_in_params(realm_id, login_id),
              **{f"k{i}": key for i, key in enumerate(keys)}}))
-        users, credentials = len(t.users.c), len(t.credentials.c)
-        counters = len(t.throttle_counters.c)
+        counters, at = len(t.throttle_counters.c), len(t.users.c) + len(t.credentials.c)
         first = rows[0]  # the joined row exists whatever the login id
-        states: list[m.ThrottleState | None] = []
-        for i in range(len(keys)):
-            at = users + credentials + i * counters
-            states.append(_COUNTER(first[at:at + counters]) if first[at] is not None else None)
-        if first[0] is None:
-            return None, states
-        return (_USER(first[:users]), [_CREDENTIAL(row[users:users + credentials])
-                                       for row in rows if row[users] is not None]), states
+        states = [_COUNTER(first[i:i + counters]) if first[i] is not None else None
+                  for i in range(at, at + len(keys) * counters, counters)]
+        return _user_and_credentials(rows), states
 
     async def by_external_id(self, realm_id: str, external_id: str) -> m.User | None:
         return await self._get(realm_id=realm_id, external_id=external_id)
@@ -856,24 +836,48 @@ def _open_session_cte(settled_keys: int = 0) -> Any:
             .returning(t.audit_events.c.user_id).add_cte(*ctes))
 
 
+def _signing_in() -> Any:
+    """Users, each joined to its login ids and to its password and TOTP credentials (a row
+    each, or one row without)."""
+    c = t.credentials.c
+    return (t.users.join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
+            .outerjoin(t.credentials, and_(
+                c.user_id == t.users.c.id,
+                or_(c.kind == bindparam("password"), c.kind == bindparam("totp")))))
+
+
+def _named_by_login_id() -> Any:
+    return and_(t.login_ids.c.realm_id == bindparam("realm_id"),
+                t.login_ids.c.value == bindparam("value"))
+
+
+def _sign_in_params(realm_id: str, login_id: str) -> dict[str, Any]:
+    return {"realm_id": realm_id, "value": normalise_login_id(login_id),
+            "password": "password", "totp": "totp"}
+
+
+def _user_and_credentials(rows: Sequence[Any]) -> tuple[m.User, list[m.Credential]] | None:
+    """The user and its credentials from ``_signing_in``'s rows (users' columns, then
+    credentials'), or None when there is no user."""
+    width, credentials = len(t.users.c), len(t.credentials.c)
+    if not rows or rows[0][0] is None:
+        return None
+    return _USER(rows[0][:width]), [_CREDENTIAL(row[width:width + credentials])
+                                    for row in rows if row[width] is not None]
+
+
 def _for_sign_in_and_counters(count: int) -> Any:
     """``UserRepo.for_sign_in_and_counters`` on PostgreSQL: a one-row relation, the user's rows
-    (with its credentials) left-joined to it on the login id, and each counter left-joined by
-    its key."""
-    c = t.credentials.c
-    found = (t.users.join(t.login_ids, t.login_ids.c.user_id == t.users.c.id)
-             .outerjoin(t.credentials, and_(
-                 c.user_id == t.users.c.id,
-                 or_(c.kind == bindparam("password"), c.kind == bindparam("totp")))))
+    (``_signing_in``) left-joined to it on the login id, and each counter left-joined by its
+    key."""
     counters = [t.throttle_counters.alias(f"counter{i}") for i in range(count)]
     one = select(literal_column("1").label("one")).subquery("one")
-    joined = one.outerjoin(found, and_(t.login_ids.c.realm_id == bindparam("realm_id"),
-                                       t.login_ids.c.value == bindparam("value")))
+    joined = one.outerjoin(_signing_in(), _named_by_login_id())
     for i, counter in enumerate(counters):
         joined = joined.outerjoin(counter, counter.c.key == bindparam(f"k{i}"))
     return (select(*t.users.c, *t.credentials.c, *[col for counter in counters
                                                    for col in counter.c])
-            .select_from(joined).order_by(c.created_at))
+            .select_from(joined).order_by(t.credentials.c.created_at))
 
 
 _SESSION, _USER = _loader(t.sessions, m.Session), _loader(t.users, m.User)
