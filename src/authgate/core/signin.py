@@ -62,7 +62,6 @@ class SignIn:
         """``password``, then ``Sessions.start`` (with ``start``'s arguments) for the user it
         signed in; the attempt's success is written with the session, in one write where
         there would be two (the throttle's, then the session's)."""
-        client = client or ClientInfo()
         async with self._signing_in(realm, login_id, password, client, mfa_code) as (
                 signed_in, attempt):
             return await self.core.sessions.start(

@@ -170,8 +170,8 @@ class Throttle:
         if len(read) != len(keys) or any(
                 state is None or state.key != key.key for key, state in zip(keys, read)):
             return None
-        states = [replace(state) for state in read if state is not None]
-        expected = [replace(state) for state in states]
+        expected = [state for state in read if state is not None]  # compared, never changed
+        states = [replace(state) for state in expected]
         for state in states:
             self._expire(state, now)
         # A counter that already holds pending attempts, and that nothing lapsed on, is given
@@ -209,8 +209,7 @@ class Throttle:
         """A pending attempt succeeded: ``cleared`` loses its failures (its owner proved who
         they are); each key of ``taken_back`` (an address shared with others) only loses the
         pending attempt."""
-        settlement = self.settlement(cleared, taken_back)
-        await tx.throttle.settle(settlement.cleared, settlement.taken_back, settlement.at)
+        await tx.throttle.settle(self.settlement(cleared, taken_back))
 
     def settlement(self, cleared: ThrottleKey,
                    taken_back: Sequence[ThrottleKey] = ()) -> Settlement:

@@ -69,12 +69,13 @@ PG_IDLE_SECONDS = 60.0
 GROUP_SIZES = Histogram("authgate_sqlite_group_commit_writes",
                         "Write transactions per SQLite commit (group commit)",
                         buckets=(1, 2, 4, 8, 16, 32))
+_PER_STATEMENT = (1, 2, 4, 8, 16, 32, 64, 100)  # callers of a batch (store/batch.MAX_KEYS)
 SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
                                "Bearer requests' session reads answered by one statement",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 100))
+                               buckets=_PER_STATEMENT)
 ROTATION_SIZES = Histogram("authgate_refresh_rotations_per_statement",
                            "Refresh-token rotations carried out by one statement",
-                           buckets=(1, 2, 4, 8, 16, 32, 64, 100))
+                           buckets=_PER_STATEMENT)
 
 
 def _is_memory(url: str) -> bool:

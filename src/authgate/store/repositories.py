@@ -468,8 +468,7 @@ class SessionRepo(_Repo):
             await RefreshTokenRepo(self.conn).add(token)
             await AuditRepo(self.conn).add(event)
             if settlement is not None:
-                await ThrottleRepo(self.conn).settle(settlement.cleared, settlement.taken_back,
-                                                     settlement.at)
+                await ThrottleRepo(self.conn).settle(settlement)
                 settlement.written = True
             return
         params = {**_params(_values(session), "s_"), **_params(_values(token), "r_"),
@@ -477,8 +476,8 @@ class SessionRepo(_Repo):
                   "stamp": stamp, "active": "active"}
         keys: list[str] = []
         if settlement is not None:
-            keys = _settled_keys(settlement.cleared, settlement.taken_back)
-            params.update(_settle_params(settlement.cleared, keys, settlement.at))
+            keys = _settled_keys(settlement)
+            params.update(_settle_params(settlement, keys))
         try:
             opened = await self.conn.execute(
                 _statement(("open_session", len(keys)), lambda: _open_session_cte(len(keys))),
@@ -1119,12 +1118,12 @@ def _locked_in_key_order(*where: Any, skip_locked: bool = False) -> Any:
 _DECIDING = ("failures", "window_started_at", "blocked_until")
 
 
-def _settled_keys(cleared: str, taken_back: Sequence[str]) -> list[str]:
-    return sorted({cleared, *taken_back})
+def _settled_keys(settlement: m.Settlement) -> list[str]:
+    return sorted({settlement.cleared, *settlement.taken_back})
 
 
-def _settle_params(cleared: str, keys: list[str], now: datetime) -> dict[str, Any]:
-    return {"settle_now": now, "cleared": cleared,
+def _settle_params(settlement: m.Settlement, keys: list[str]) -> dict[str, Any]:
+    return {"settle_now": settlement.at, "cleared": settlement.cleared,
             **{f"settle_k{i}": key for i, key in enumerate(keys)}}
 
 
@@ -1280,15 +1279,16 @@ class ThrottleRepo(_Repo):
                                             enumerate(states)
                                             for name, value in _values(state).items()})
 
-    async def settle(self, cleared: str, taken_back: Sequence[str], now: datetime) -> None:
+    async def settle(self, settlement: m.Settlement) -> None:
         """A pending attempt ended well, in one statement that is atomic by itself (its row
         locks, taken in key order, on PostgreSQL; the writer lock on SQLite): every key loses the
-        attempt (all its pending attempts once their lease lapsed by ``now``), and ``cleared``
-        also loses its failures and its block. Counters left at zero stay for the purge."""
-        keys = _settled_keys(cleared, taken_back)
+        attempt (all its pending attempts once their lease lapsed by the settlement's time),
+        and ``cleared`` also loses its failures and its block. Counters left at zero stay for
+        the purge."""
+        keys = _settled_keys(settlement)
         statement = _statement(("throttle_settle", self.conn.dialect.name, len(keys)),
                                lambda: _settle_update(len(keys)))
-        await self.conn.execute(statement, _settle_params(cleared, keys, now))
+        await self.conn.execute(statement, _settle_params(settlement, keys))
 
     async def clear(self, key: str) -> None:
         c = t.throttle_counters.c
