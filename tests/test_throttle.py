@@ -929,3 +929,99 @@ async def test_an_attempt_cancelled_while_its_admission_is_written_is_released(
         await task
     async with core.store.transaction() as tx:
         assert (await tx.throttle.get(key.key)).pending == 0
+
+
+async def _cancelled_once(started: Any, signing_in: Any) -> None:
+    """Run ``signing_in()``, and cancel it once ``started`` (an event) is set."""
+    import asyncio
+
+    task = asyncio.create_task(signing_in())
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_sign_in_cancelled_while_its_session_is_written_is_not_released_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The client goes away while the session carrying the attempt's success is being
+    written: the write runs to its end, so the success is counted once and the attempt is not
+    also released (which would take another sign-in's attempt from the address)."""
+    import asyncio
+
+    from authgate.store.repositories import SessionRepo
+
+    email, ip = unique_email(), "198.51.100.66"
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    writing = asyncio.Event()
+    open_session = SessionRepo.open
+
+    async def slow_answer(self: SessionRepo, *args: Any) -> None:
+        settlement = args[-1]
+        await open_session(self, *args)
+        settlement.written = False  # written in the store; its answer still on the way
+        writing.set()
+        await asyncio.sleep(0.3)
+        settlement.written = True
+
+    monkeypatch.setattr(SessionRepo, "open", slow_answer)
+    await _cancelled_once(writing, lambda: core.signin.password_session(
+        realm, email, PASSWORD, ClientInfo(ip=ip)))
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending) == (0, 0)
+    assert address.pending == 1
+
+
+async def test_a_sign_in_cancelled_while_its_success_is_written_is_not_released_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """The same for a success written on its own (a surface that opens no session here)."""
+    import asyncio
+
+    from authgate.store.repositories import ThrottleRepo
+
+    email, ip = unique_email(), "198.51.100.67"
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    writing = asyncio.Event()
+    settle = ThrottleRepo.settle
+
+    async def slow_answer(self: ThrottleRepo, settlement: Any) -> None:
+        await settle(self, settlement)
+        writing.set()
+        await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(ThrottleRepo, "settle", slow_answer)
+    await _cancelled_once(writing, lambda: core.signin.password(
+        realm, email, PASSWORD, ClientInfo(ip=ip)))
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending) == (0, 0)
+    assert address.pending == 1
+
+
+async def test_a_wrong_password_cancelled_while_its_failure_is_written_is_counted(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
+    """A wrong guess whose client goes away while the failure is written is still counted,
+    and its attempt ends: a cancellation neither makes a guess free nor leaves it pending."""
+    import asyncio
+
+    from authgate.core import audit as events
+
+    email, ip = unique_email(), "198.51.100.68"
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    writing = asyncio.Event()
+    record = core.audit.record
+
+    async def slow_record(tx: Any, kind: str, **kwargs: Any) -> None:
+        await record(tx, kind, **kwargs)
+        if kind == events.SIGN_IN_FAILED:
+            writing.set()
+            await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(core.audit, "record", slow_record)
+    await _cancelled_once(writing, lambda: core.signin.password(
+        realm, email, "not the password", ClientInfo(ip=ip)))
+    login, address = await _counters(core, realm, email, ip)
+    assert (login.failures, login.pending) == (3, 0)
+    assert (address.failures, address.pending) == (1, 1)

@@ -91,6 +91,37 @@ async def test_wrong_codes_are_throttled(core, realm, user):
     assert blocked.value.code is ErrorCode.TOO_MANY_ATTEMPTS
 
 
+async def test_a_wrong_code_cancelled_while_its_failure_is_written_is_counted(
+        core, realm, user, monkeypatch):
+    """A wrong code whose client goes away while the failure is being written is counted all
+    the same, and its attempt ends: cancelling does not make a guess free or leave it pending."""
+    import asyncio
+
+    from authgate.core.totp import MFA_FAILED
+
+    totp, _ = await enrolled(core, realm, user)
+    wrong = "000000" if next_code(totp) != "000000" else "111111"
+    writing = asyncio.Event()
+    record = core.audit.record
+
+    async def slow_record(tx, kind, **kwargs):
+        await record(tx, kind, **kwargs)
+        if kind == MFA_FAILED:
+            writing.set()
+            await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(core.audit, "record", slow_record)
+    task = asyncio.create_task(core.totp.verify(realm, user, wrong))
+    await asyncio.wait_for(writing.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    key = core.throttle.scoped_key("mfa", user.id, core.settings.throttle_free_attempts)
+    async with core.store.transaction() as tx:
+        counter = await tx.throttle.get(key.key)
+    assert (counter.failures, counter.pending) == (1, 0)
+
+
 async def test_second_factor_is_required_only_when_enabled(core, realm, user):
     assert await core.totp.second_factor(realm, user, None) == ["pwd"]
     totp, _ = await enrolled(core, realm, user)

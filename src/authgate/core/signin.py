@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
+from authgate.core.completion import completed
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Credential, Realm, ThrottleState, User
 from authgate.core.throttle import Attempt, ThrottleKey
@@ -64,9 +65,10 @@ class SignIn:
         there would be two (the throttle's, then the session's)."""
         async with self._signing_in(realm, login_id, password, client, mfa_code) as (
                 signed_in, attempt):
-            return await self.core.sessions.start(
+            # To its end: once the session is written, the attempt is resolved by it.
+            return await completed(self.core.sessions.start(
                 realm, signed_in.user, amr=signed_in.amr, client=client,
-                settlement=attempt.settlement() if attempt is not None else None, **start)
+                settlement=attempt.settlement() if attempt is not None else None, **start))
 
     @asynccontextmanager
     async def _signing_in(self, realm: Realm, login_id: str, password: str,
@@ -118,6 +120,9 @@ class SignIn:
             raise
 
     async def _succeeded(self, attempt: Attempt) -> None:
+        await completed(self._write_success(attempt))
+
+    async def _write_success(self, attempt: Attempt) -> None:
         async with self.core.store.transaction(write=True, single=True) as tx:
             await attempt.succeeded(tx)
 
@@ -135,23 +140,33 @@ class SignIn:
             await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client, attempt)
         if result.needs_rehash:
             rehashed = await self.core.hasher.hash(password)
-            async with self.core.store.transaction(write=True) as tx:
-                await attempt.succeeded(tx)
-                credential.secret, credential.updated_at = rehashed, self.core.now()
-                await tx.credentials.update(credential)
-                await self.core.audit.record(tx, events.PASSWORD_REHASHED,
-                                             realm_id=realm.id, user_id=user.id)
+            await completed(self._write_rehash(realm, user, credential, rehashed, attempt))
+
+    async def _write_rehash(self, realm: Realm, user: User, credential: Credential,
+                            rehashed: str, attempt: Attempt) -> None:
+        async with self.core.store.transaction(write=True) as tx:
+            await attempt.succeeded(tx)
+            credential.secret, credential.updated_at = rehashed, self.core.now()
+            await tx.credentials.update(credential)
+            await self.core.audit.record(tx, events.PASSWORD_REHASHED,
+                                         realm_id=realm.id, user_id=user.id)
 
     async def _fail(self, realm: Realm, login_id: str, user: User | None, reason: ErrorCode,
                     client: ClientInfo, attempt: Attempt) -> None:
+        # To its end: a failure whose write a cancellation cut short would not be counted,
+        # and its attempt would stay pending for its lease.
+        await completed(self._write_failure(realm, login_id, user, reason, client, attempt))
+        if realm.setting("reveal_unknown_users"):
+            raise AuthError(reason)
+        raise AuthError(ErrorCode.INVALID_CREDENTIALS)
+
+    async def _write_failure(self, realm: Realm, login_id: str, user: User | None,
+                             reason: ErrorCode, client: ClientInfo, attempt: Attempt) -> None:
         async with self.core.store.transaction(write=True) as tx:
             await attempt.failed(tx)
             await self.core.audit.record(tx, events.SIGN_IN_FAILED, realm_id=realm.id,
                                          user_id=user.id if user else None, client=client,
                                          reason=reason.value, login_id=login_id[:320])
-        if realm.setting("reveal_unknown_users"):
-            raise AuthError(reason)
-        raise AuthError(ErrorCode.INVALID_CREDENTIALS)
 
     async def check_password(self, user: User, password: str) -> bool:
         """Verify a known user's password (for re-authentication), with no throttling side

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from authgate.core.completion import finishing
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Settlement, ThrottleState, normalise_login_id
 from authgate.crypto.tokens import digest
@@ -109,17 +110,15 @@ class Throttle:
         """``attempt``, then the body, which says how it ended (``Attempt.failed`` or
         ``succeeded``, inside its write); a body that ends otherwise (an error, a cancelled
         request) releases the pending attempt. A request cancelled while its admission is
-        being written releases it once written: the store may still commit it."""
-        admitting = asyncio.ensure_future(self.attempt(keys, read=read))
-        try:
-            await asyncio.shield(admitting)
-        except asyncio.CancelledError:
-            try:
-                await admitting
-            except Exception:  # noqa: BLE001 - not admitted: nothing to release
-                raise asyncio.CancelledError from None
-            await self.released(keys)
-            raise
+        being written releases it once written: the store may still commit it. The body's
+        own write of the outcome is run to its end the same way (``completion.completed``),
+        or a cancelled body could release an attempt whose outcome the store then wrote."""
+        admitting, cancelled = await finishing(self.attempt(keys, read=read))
+        if cancelled:
+            if not admitting.cancelled() and admitting.exception() is None:  # admitted
+                await self.released(keys)
+            raise asyncio.CancelledError
+        admitting.result()  # TOO_MANY_ATTEMPTS, or the store's error
         attempt = Attempt(self, keys)
         try:
             yield attempt

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from authgate.core.completion import completed
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import normalise_login_id, ClientInfo, OneTimeCode, Realm, User
 from authgate.core.ports import Tx
@@ -176,13 +177,17 @@ class Verification:
             live = [c for c in live if c.attempts < MAX_CODE_ATTEMPTS]
             found = next((code for code in live if pin and len(pin) <= 32 and same(
                 self._pin_hash(purpose, code.id, pin), code.secret_hash)), None)
-            async with self.core.store.transaction(write=True) as tx:
-                if found is not None:
-                    await attempt.succeeded(tx)
-                else:
-                    for code in live:
-                        await tx.codes.add_attempt(code.id)
-                    await attempt.failed(tx)
+
+            async def outcome() -> None:
+                async with self.core.store.transaction(write=True) as tx:
+                    if found is not None:
+                        await attempt.succeeded(tx)
+                    else:
+                        for code in live:
+                            await tx.codes.add_attempt(code.id)
+                        await attempt.failed(tx)
+
+            await completed(outcome())  # to its end, or a cancelled guess would go uncounted
         if found is None:
             raise AuthError(ErrorCode.INVALID_CODE)
         assert user is not None

@@ -41,6 +41,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from authgate.core.completion import finishing
 from authgate.core.models import Rotation, Session, User
 from authgate.core.ports import StoreUnavailable
 from authgate.store.batch import Batched, Failed
@@ -317,7 +318,7 @@ class _Group:
             if self.lost:
                 raise sqlite3.OperationalError("the transaction was rolled back by an error in "
                                                "a write committed with it") from self.cause
-            commit, cancelled = await _finish(asyncio.to_thread(connection.commit))
+            commit, cancelled = await finishing(asyncio.to_thread(connection.commit))
             commit.result()
             GROUP_SIZES.observe(self.size)
         except Exception as exc:  # noqa: BLE001 - every member is told
@@ -350,19 +351,6 @@ def _undo_savepoint(connection: sqlite3.Connection, group: _Group) -> None:
         except sqlite3.Error:
             pass
     group.lost = True
-
-
-async def _finish(awaitable: Any) -> tuple[asyncio.Future[Any], bool]:
-    """Await to the end even if cancelled meanwhile. Returns the finished future and whether
-    a cancellation arrived, for the caller to raise once it has dealt with the outcome."""
-    future = asyncio.ensure_future(awaitable)
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait((future,))
-        except asyncio.CancelledError:
-            cancelled = True
-    return future, cancelled
 
 
 class SqlStore:
