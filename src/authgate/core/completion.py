@@ -34,5 +34,7 @@ async def completed(awaitable: Awaitable[T]) -> T:
     raised after it."""
     future, cancelled = await finishing(awaitable)
     if cancelled:
+        if not future.cancelled():
+            future.exception()  # retrieved: the caller is told of its cancellation instead
         raise asyncio.CancelledError
     return future.result()
