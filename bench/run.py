@@ -145,8 +145,9 @@ def figure_load(base: str, figure: str, *, seconds: int, connections: int,
 
 
 class Server:
-    """``uvicorn authgate.asgi:app`` on a free port; ``wrapper`` runs it under another program
-    (``instructions.py``: valgrind)."""
+    """``uvicorn authgate.asgi:app`` on a free port, configured as ``authgate serve`` runs it
+    (no proxy headers: the app decides which proxies it trusts; no Server header);
+    ``wrapper`` runs it under another program (``instructions.py``: valgrind)."""
 
     def __init__(self, database_url: str, data_dir: Path, workers: int,
                  wrapper: tuple[str, ...] = ()) -> None:
@@ -172,7 +173,7 @@ class Server:
                 [*self.wrapper, sys.executable, "-m", "uvicorn", "authgate.asgi:app", "--host",
                  "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
                  "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http",
-                 "httptools"],
+                 "httptools", "--no-proxy-headers", "--no-server-header"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + (600 if self.wrapper else 60)
         while time.monotonic() < deadline:
