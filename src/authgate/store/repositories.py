@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -761,8 +762,8 @@ def _rotations() -> Any:
     them ordered by hash), and a token another statement rotated meanwhile is found rotated.
     Then the token, its session and its user are each read by their keys (``_by_key``)."""
     rt, s, u, a = t.refresh_tokens, t.sessions, t.users, t.audit_events
-    asked = func.unnest(*(bindparam(name, type_=ARRAY(type_))
-                          for name, type_ in _ROTATION_VALUES)).table_valued(
+    lists = {name: bindparam(name, type_=ARRAY(type_)) for name, type_ in _ROTATION_VALUES}
+    asked = func.unnest(*lists.values()).table_valued(
         *(column(name, type_) for name, type_ in _ROTATION_VALUES),
         with_ordinality="n").render_derived()
     found = (select(rt).where(rt.c.token_hash == asked.c.token_hash).offset(0)
@@ -776,8 +777,12 @@ def _rotations() -> Any:
             .select_from(asked.join(found, true()).join(session, true()).join(user, true()))
             .where(_live_token(found.c, session.c, user.c, asked.c))
             .cte("live").prefix_with("MATERIALIZED"))
+    # The tokens are also named by their hashes, a condition on the table's own index: left
+    # to its estimate of ``live`` (one row), the planner had read a small table whole and
+    # ``live`` once for each of its rows, until autovacuum analysed it.
     rotated = (
-        update(rt).where(rt.c.id == live.c.token_id, rt.c.rotated_at.is_(None))
+        update(rt).where(rt.c.id == live.c.token_id, rt.c.rotated_at.is_(None),
+                         rt.c.token_hash == any_(lists["token_hash"]))
         .values(rotated_at=live.c.now, successor_id=live.c.successor_id,
                 successor_enc=live.c.successor_enc)
         .returning(*live.c)
