@@ -931,6 +931,13 @@ async def test_an_attempt_cancelled_while_its_admission_is_written_is_released(
         assert (await tx.throttle.get(key.key)).pending == 0
 
 
+async def _user_with_failures_and_one_in_flight(core: Core, realm: Realm, ip: str) -> str:
+    email = unique_email()
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    return email
+
+
 async def _cancelled_once(started: Any, signing_in: Any) -> None:
     """Run ``signing_in()``, and cancel it once ``started`` (an event) is set."""
     import asyncio
@@ -942,22 +949,23 @@ async def _cancelled_once(started: Any, signing_in: Any) -> None:
         await task
 
 
-async def test_a_sign_in_cancelled_while_its_session_is_written_is_not_released_again(
-        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
-    """The client goes away while the session carrying the attempt's success is being
-    written: the write runs to its end, so the success is counted once and the attempt is not
-    also released (which would take another sign-in's attempt from the address)."""
+@pytest.mark.parametrize("written_with", ["the session", "nothing else"])
+async def test_a_sign_in_cancelled_while_its_success_is_written_is_not_released_again(
+        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch, written_with: str):
+    """The client goes away while the attempt's success is being written, with the session it
+    opens (the native grant) or alone (a surface that opens no session here): the write runs
+    to its end, so the success is counted once and the attempt is not also released (which
+    would take another sign-in's attempt from the address)."""
     import asyncio
 
-    from authgate.store.repositories import SessionRepo
+    from authgate.store.repositories import SessionRepo, ThrottleRepo
 
-    email, ip = unique_email(), "198.51.100.66"
-    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
-    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    ip = "198.51.100.66"
+    email = await _user_with_failures_and_one_in_flight(core, realm, ip)
     writing = asyncio.Event()
-    open_session = SessionRepo.open
+    open_session, settle = SessionRepo.open, ThrottleRepo.settle
 
-    async def slow_answer(self: SessionRepo, *args: Any) -> None:
+    async def session_answer_on_its_way(self: SessionRepo, *args: Any) -> None:
         settlement = args[-1]
         await open_session(self, *args)
         settlement.written = False  # written in the store; its answer still on the way
@@ -965,35 +973,18 @@ async def test_a_sign_in_cancelled_while_its_session_is_written_is_not_released_
         await asyncio.sleep(0.3)
         settlement.written = True
 
-    monkeypatch.setattr(SessionRepo, "open", slow_answer)
-    await _cancelled_once(writing, lambda: core.signin.password_session(
-        realm, email, PASSWORD, ClientInfo(ip=ip)))
-    login, address = await _counters(core, realm, email, ip)
-    assert (login.failures, login.pending) == (0, 0)
-    assert address.pending == 1
-
-
-async def test_a_sign_in_cancelled_while_its_success_is_written_is_not_released_again(
-        core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
-    """The same for a success written on its own (a surface that opens no session here)."""
-    import asyncio
-
-    from authgate.store.repositories import ThrottleRepo
-
-    email, ip = unique_email(), "198.51.100.67"
-    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
-    await _with_failures_and_one_in_flight(core, realm, email, ip)
-    writing = asyncio.Event()
-    settle = ThrottleRepo.settle
-
-    async def slow_answer(self: ThrottleRepo, settlement: Any) -> None:
+    async def settle_answer_on_its_way(self: ThrottleRepo, settlement: Any) -> None:
         await settle(self, settlement)
         writing.set()
         await asyncio.sleep(0.3)
 
-    monkeypatch.setattr(ThrottleRepo, "settle", slow_answer)
-    await _cancelled_once(writing, lambda: core.signin.password(
-        realm, email, PASSWORD, ClientInfo(ip=ip)))
+    if written_with == "the session":
+        monkeypatch.setattr(SessionRepo, "open", session_answer_on_its_way)
+        signing_in = core.signin.password_session
+    else:
+        monkeypatch.setattr(ThrottleRepo, "settle", settle_answer_on_its_way)
+        signing_in = core.signin.password
+    await _cancelled_once(writing, lambda: signing_in(realm, email, PASSWORD, ClientInfo(ip=ip)))
     login, address = await _counters(core, realm, email, ip)
     assert (login.failures, login.pending) == (0, 0)
     assert address.pending == 1
@@ -1007,9 +998,8 @@ async def test_a_wrong_password_cancelled_while_its_failure_is_written_is_counte
 
     from authgate.core import audit as events
 
-    email, ip = unique_email(), "198.51.100.68"
-    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
-    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    ip = "198.51.100.68"
+    email = await _user_with_failures_and_one_in_flight(core, realm, ip)
     writing = asyncio.Event()
     record = core.audit.record
 
