@@ -461,6 +461,45 @@ async def test_a_server_owning_its_core_keeps_start_up_objects_out_of_garbage_co
         gc.unfreeze()
 
 
+async def test_a_forced_exit_still_closes_the_store_and_is_not_reported_as_an_error(
+        settings, monkeypatch):
+    """A second Ctrl-C makes uvicorn skip the application's shutdown, and the event loop's
+    end cancels every task, the background workers' too. The lifespan still stops them and
+    closes the store, and ends without an error (uvicorn logged one as a traceback)."""
+    import asyncio
+
+    from authgate.api.app import create_app
+    from authgate.store.db import SqlStore
+
+    closed: list[bool] = []
+    close = SqlStore.close
+
+    async def recording_close(self: SqlStore) -> None:
+        await close(self)
+        closed.append(True)
+
+    monkeypatch.setattr(SqlStore, "close", recording_close)
+    served = create_app(settings)
+    serving = asyncio.Event()
+
+    async def lifespan() -> None:
+        async with served.native.router.lifespan_context(served.native):
+            serving.set()
+            await asyncio.Event().wait()  # serves until cancelled
+
+    task = asyncio.create_task(lifespan())
+    await asyncio.wait_for(serving.wait(), 30)
+    workers = [other for other in asyncio.all_tasks()
+               if other.get_name() in ("outbox", "housekeeping")]
+    assert len(workers) == 2
+    for cancelled in (task, *workers):  # as asyncio.run cancels what is left
+        cancelled.cancel()
+    await asyncio.wait({task})
+    assert not task.cancelled() and task.exception() is None
+    assert closed == [True]
+    assert all(worker.done() for worker in workers)
+
+
 async def test_an_unknown_realm_gets_404_realm_not_found_on_the_hot_endpoints(client):
     token = await client.post("/realms/no-such-realm/oauth/token",
                               data={"grant_type": "refresh_token", "refresh_token": "x"})

@@ -36,6 +36,10 @@ class Periodic:
         return self
 
     async def stop(self) -> None:
+        """Let the job end its turn, and wait for it. A job cancelled with the process (a
+        forced exit) is stopped already."""
         self._stopping.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait((self._task,))
+            if not self._task.cancelled():
+                self._task.result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import time
@@ -34,6 +35,7 @@ from authgate.api.docs import serve_docs
 from authgate.api.errors import native
 from authgate.api.surface import NUL_REFUSED, BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
+from authgate.core.completion import completed
 from authgate.logging import configure_logging
 from authgate.core.engine import Core
 from authgate.background import Periodic
@@ -173,13 +175,22 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
         workers = [start() for start in app.state.background]
         if owned:
             _freeze_startup_objects()
-        try:
-            yield
-        finally:
+
+        async def shut_down() -> None:
             for worker in workers:
                 await worker.stop()
             if owned:
                 await app.state.core.close()
+
+        try:
+            yield
+        except asyncio.CancelledError:
+            # A forced exit (a second Ctrl-C): uvicorn skips the shutdown, and the end of the
+            # event loop cancels this task with every other. The shutdown runs all the same,
+            # and the exit, which is what was asked for, is not reported as an error.
+            await completed(shut_down())
+            return
+        await shut_down()
 
     configure_logging(settings)
     # /docs is served by api/docs.py (its files pinned and integrity-checked); no /redoc.
