@@ -41,6 +41,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from authgate.config import Settings
 from authgate.core.completion import finishing
 from authgate.core.models import Rotation, Session, User
 from authgate.core.ports import StoreUnavailable
@@ -353,12 +354,20 @@ def _undo_savepoint(connection: sqlite3.Connection, group: _Group) -> None:
     group.lost = True
 
 
+def _setting_default(name: str) -> Any:
+    """A setting's default, for a store made without settings (tests, tools): config.py
+    says what it is, once."""
+    return Settings.model_fields[name].default
+
+
 class SqlStore:
     """The core's ``Store``: hands out transactions whose repositories share one connection."""
 
-    def __init__(self, engine: AsyncEngine, *, pool_size: int = 10,
-                 statement_timeout: float = 15.0,
-                 idle_transaction_timeout: float = 60.0) -> None:
+    def __init__(self, engine: AsyncEngine, *,
+                 pool_size: int = _setting_default("db_pool_size"),
+                 statement_timeout: float = _setting_default("db_statement_timeout"),
+                 idle_transaction_timeout: float = _setting_default(
+                     "db_idle_transaction_timeout")) -> None:
         self.engine = engine
         # PostgreSQL session settings of every connection: no request waits on the database
         # for ever, and no stopped client holds its locks for ever.
@@ -392,10 +401,9 @@ class SqlStore:
             self._rotate_many)
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout: float = 15.0,
-                 idle_transaction_timeout: float = 60.0) -> SqlStore:
-        return cls(create_engine(url), pool_size=pool_size, statement_timeout=statement_timeout,
-                   idle_transaction_timeout=idle_transaction_timeout)
+    def from_url(cls, url: str, **options: Any) -> SqlStore:
+        """``options``: ``__init__``'s keywords."""
+        return cls(create_engine(url), **options)
 
     def transaction(self, *, write: bool = False,
                     single: bool = False) -> AbstractAsyncContextManager[SqlTx]:
