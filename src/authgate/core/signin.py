@@ -22,6 +22,7 @@ from authgate.core.throttle import Attempt, ThrottleKey
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
+    from authgate.core.ports import Tx
     from authgate.core.sessions import Tokens
 
 
@@ -102,7 +103,7 @@ class SignIn:
                 assert user is not None
                 totp = any(c.kind == "totp" and c.confirmed for c in credentials)
                 if not attempt.resolved and (user.status != "active" or totp):
-                    await self._succeeded(attempt)  # before the checks that follow
+                    await attempt.ended(True)  # before the checks that follow
                 if user.status != "active":
                     # Told only to someone who knows the password.
                     raise AuthError(ErrorCode.USER_DISABLED)
@@ -110,7 +111,7 @@ class SignIn:
                                                          enabled=totp)
                 yield SignedIn(user, amr), (None if attempt.resolved else attempt)
                 if not attempt.resolved:
-                    await self._succeeded(attempt)
+                    await attempt.ended(True)
         except AuthError as exc:
             if exc.code is ErrorCode.TOO_MANY_ATTEMPTS:
                 async with self.core.store.transaction(write=True) as tx:
@@ -118,13 +119,6 @@ class SignIn:
                                                  user_id=user.id if user else None,
                                                  client=client)
             raise
-
-    async def _succeeded(self, attempt: Attempt) -> None:
-        await completed(self._write_success(attempt))
-
-    async def _write_success(self, attempt: Attempt) -> None:
-        async with self.core.store.transaction(write=True, single=True) as tx:
-            await attempt.succeeded(tx)
 
     async def _verify(self, realm: Realm, login_id: str, password: str, user: User | None,
                       creds: list[Credential], client: ClientInfo, attempt: Attempt) -> None:
@@ -140,33 +134,26 @@ class SignIn:
             await self._fail(realm, login_id, user, ErrorCode.WRONG_PASSWORD, client, attempt)
         if result.needs_rehash:
             rehashed = await self.core.hasher.hash(password)
-            await completed(self._write_rehash(realm, user, credential, rehashed, attempt))
 
-    async def _write_rehash(self, realm: Realm, user: User, credential: Credential,
-                            rehashed: str, attempt: Attempt) -> None:
-        async with self.core.store.transaction(write=True) as tx:
-            await attempt.succeeded(tx)
-            credential.secret, credential.updated_at = rehashed, self.core.now()
-            await tx.credentials.update(credential)
-            await self.core.audit.record(tx, events.PASSWORD_REHASHED,
-                                         realm_id=realm.id, user_id=user.id)
+            async def replace_hash(tx: Tx) -> None:
+                credential.secret, credential.updated_at = rehashed, self.core.now()
+                await tx.credentials.update(credential)
+                await self.core.audit.record(tx, events.PASSWORD_REHASHED,
+                                             realm_id=realm.id, user_id=user.id)
+
+            await attempt.ended(True, also=replace_hash)
 
     async def _fail(self, realm: Realm, login_id: str, user: User | None, reason: ErrorCode,
                     client: ClientInfo, attempt: Attempt) -> None:
-        # To its end: a failure whose write a cancellation cut short would not be counted,
-        # and its attempt would stay pending for its lease.
-        await completed(self._write_failure(realm, login_id, user, reason, client, attempt))
-        if realm.setting("reveal_unknown_users"):
-            raise AuthError(reason)
-        raise AuthError(ErrorCode.INVALID_CREDENTIALS)
-
-    async def _write_failure(self, realm: Realm, login_id: str, user: User | None,
-                             reason: ErrorCode, client: ClientInfo, attempt: Attempt) -> None:
-        async with self.core.store.transaction(write=True) as tx:
-            await attempt.failed(tx)
+        async def record(tx: Tx) -> None:
             await self.core.audit.record(tx, events.SIGN_IN_FAILED, realm_id=realm.id,
                                          user_id=user.id if user else None, client=client,
                                          reason=reason.value, login_id=login_id[:320])
+
+        await attempt.ended(False, also=record)
+        if realm.setting("reveal_unknown_users"):
+            raise AuthError(reason)
+        raise AuthError(ErrorCode.INVALID_CREDENTIALS)
 
     async def check_password(self, user: User, password: str) -> bool:
         """Verify a known user's password (for re-authentication), with no throttling side

@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from authgate.core.completion import finishing
+from authgate.core.completion import completed, finishing
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Settlement, ThrottleState, normalise_login_id
 from authgate.crypto.tokens import digest
@@ -110,9 +110,9 @@ class Throttle:
         """``attempt``, then the body, which says how it ended (``Attempt.failed`` or
         ``succeeded``, inside its write); a body that ends otherwise (an error, a cancelled
         request) releases the pending attempt. A request cancelled while its admission is
-        being written releases it once written: the store may still commit it. The body's
-        own write of the outcome is run to its end the same way (``completion.completed``),
-        or a cancelled body could release an attempt whose outcome the store then wrote."""
+        being written releases it once written: the store may still commit it. The body
+        writes the outcome with ``Attempt.ended``, which runs to its end the same way, or a
+        cancelled body could release an attempt whose outcome the store then wrote."""
         admitting, cancelled = await finishing(self.attempt(keys, read=read))
         if cancelled:
             if not admitting.cancelled() and admitting.exception() is None:  # admitted
@@ -310,6 +310,24 @@ class Attempt:
     async def succeeded(self, tx: Tx) -> None:
         await self._throttle.succeeded(tx, self.keys[0], self.keys[1:])
         self._resolved = True
+
+    async def ended(self, succeeded: bool,
+                    also: Callable[[Tx], Awaitable[object]] | None = None) -> None:
+        """Write how the attempt ended, a success or a failure, with ``also``'s writes, in one
+        write transaction that runs to its end even if the caller is cancelled meanwhile (the
+        cancellation is raised after it): cut short, a failure would go uncounted and leave
+        the attempt pending for its lease, and a success the store committed would be
+        released as well."""
+        await completed(self._write_end(succeeded, also))
+
+    async def _write_end(self, succeeded: bool,
+                         also: Callable[[Tx], Awaitable[object]] | None) -> None:
+        # A success alone is one statement (the settle), atomic by itself.
+        single = succeeded and also is None
+        async with self._throttle.core.store.transaction(write=True, single=single) as tx:
+            await (self.succeeded(tx) if succeeded else self.failed(tx))
+            if also is not None:
+                await also(tx)
 
     def settlement(self) -> Settlement:
         """The success, for a write of the body's to carry; the attempt is resolved once that

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import pyotp
 
-from authgate.core.completion import completed
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Credential, Realm, User
 from authgate.crypto.tokens import new_id
@@ -233,19 +232,15 @@ class Totp:
         async with throttle.attempting([key]) as pending:
             method = await attempt()
 
-            async def outcome() -> None:
-                async with self.core.store.transaction(write=True) as tx:
-                    if method:
-                        await pending.succeeded(tx)
-                        await self.core.audit.record(tx, MFA_VERIFIED, realm_id=realm.id,
-                                                     user_id=user.id, client=client,
-                                                     method=method)
-                    else:
-                        await pending.failed(tx)
-                        await self.core.audit.record(tx, MFA_FAILED, realm_id=realm.id,
-                                                     user_id=user.id, client=client)
+            async def record(tx: Tx) -> None:
+                if method:
+                    await self.core.audit.record(tx, MFA_VERIFIED, realm_id=realm.id,
+                                                 user_id=user.id, client=client, method=method)
+                else:
+                    await self.core.audit.record(tx, MFA_FAILED, realm_id=realm.id,
+                                                 user_id=user.id, client=client)
 
-            await completed(outcome())  # to its end, or a cancelled guess would go uncounted
+            await pending.ended(bool(method), also=record)
         if not method:
             raise AuthError(ErrorCode.INVALID_MFA_CODE)
         return method

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from authgate.core import audit as events
-from authgate.core.completion import completed
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import (
     ClientInfo,
@@ -290,12 +289,7 @@ class Users:
         key = throttle.scoped_key("reauth", user.id, self.core.settings.throttle_free_attempts)
         async with throttle.attempting([key]) as attempt:
             right = await self.core.signin.check_password(user, old)
-
-            async def outcome() -> None:
-                async with self.core.store.transaction(write=True) as tx:
-                    await (attempt.succeeded(tx) if right else attempt.failed(tx))
-
-            await completed(outcome())  # to its end, or a cancelled guess would go uncounted
+            await attempt.ended(right)
         if not right:
             raise AuthError(ErrorCode.WRONG_PASSWORD, "The current password is wrong.")
         await self.set_password(realm, user_id, new, keep_session_id=keep_session_id,

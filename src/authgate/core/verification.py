@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from authgate.core.completion import completed
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import normalise_login_id, ClientInfo, OneTimeCode, Realm, User
 from authgate.core.ports import Tx
@@ -178,16 +177,12 @@ class Verification:
             found = next((code for code in live if pin and len(pin) <= 32 and same(
                 self._pin_hash(purpose, code.id, pin), code.secret_hash)), None)
 
-            async def outcome() -> None:
-                async with self.core.store.transaction(write=True) as tx:
-                    if found is not None:
-                        await attempt.succeeded(tx)
-                    else:
-                        for code in live:
-                            await tx.codes.add_attempt(code.id)
-                        await attempt.failed(tx)
+            async def count_on_codes(tx: Tx) -> None:
+                for code in live:
+                    await tx.codes.add_attempt(code.id)
 
-            await completed(outcome())  # to its end, or a cancelled guess would go uncounted
+            await attempt.ended(found is not None,
+                                also=None if found is not None else count_on_codes)
         if found is None:
             raise AuthError(ErrorCode.INVALID_CODE)
         assert user is not None
