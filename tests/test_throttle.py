@@ -816,9 +816,8 @@ async def test_a_sign_in_writes_its_success_with_the_session_it_opens(
         core: Core, realm: Realm, monkeypatch: pytest.MonkeyPatch):
     """One write after the password check, not two: the session, and the attempt's success
     (the login id's failures cleared, the attempt taken back from the address)."""
-    email, ip = unique_email(), "198.51.100.60"
-    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
-    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    ip = "198.51.100.60"
+    email = await _user_with_failures_and_one_in_flight(core, realm, ip)
     after = _AfterTheCheck(core, monkeypatch)
     tokens = await core.signin.password_session(realm, email, PASSWORD, ClientInfo(ip=ip))
     assert after.writes == 1
@@ -858,9 +857,8 @@ async def test_a_sign_in_that_fails_after_its_session_opened_takes_its_attempt_b
     """Written with the session, the success is not undone by an error that follows: the
     attempt is not released a second time (which would take another sign-in's from the
     address)."""
-    email, ip = unique_email(), "198.51.100.62"
-    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
-    await _with_failures_and_one_in_flight(core, realm, email, ip)
+    ip = "198.51.100.62"
+    email = await _user_with_failures_and_one_in_flight(core, realm, ip)
 
     async def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("signing failed")
@@ -922,11 +920,7 @@ async def test_an_attempt_cancelled_while_its_admission_is_written_is_released(
         async with core.throttle.attempting([key]):
             raise AssertionError("the body never runs")
 
-    task = asyncio.create_task(signing_in())
-    await asyncio.wait_for(written.wait(), 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_once(written, signing_in)
     async with core.store.transaction() as tx:
         assert (await tx.throttle.get(key.key)).pending == 0
 
