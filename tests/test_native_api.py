@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from urllib.parse import quote_plus
+
 import httpx
 import jwt
 
@@ -185,42 +188,109 @@ async def test_rfc7009_revocation_ends_the_session_and_ignores_unknown_tokens(cl
     assert (await refresh(client, realm, other["refresh_token"])).status_code == 400
 
 
-async def test_rfc7662_introspection(client, realm):
-    _, caller = await signed_in(client, realm)
+async def resource_server(core, realm, organisation_id: str | None = None) -> dict[str, str]:
+    """The Authorization header of a protected resource of ``realm``: one of its API keys."""
+    _, raw = await core.api_keys.create(realm, "resource server",
+                                        organisation_id=organisation_id)
+    return {"Authorization": f"Bearer {raw}"}
+
+
+async def test_rfc7662_introspection(client, core, realm):
     _, subject = await signed_in(client, realm)
+    caller = await resource_server(core, realm)
     url = realm_url(realm, "/oauth/introspect")
-    assert (await client.post(url, data={"token": subject["access_token"]})).status_code == 401
     active = (await client.post(url, data={"token": subject["access_token"]},
-                                headers=bearer(caller))).json()
+                                headers=caller)).json()
     assert active["active"] is True and active["token_type"] == "access_token"
     assert {"sub", "exp", "iat", "iss", "aud", "sid", "jti"} <= set(active)
     as_refresh = (await client.post(url, data={"token": subject["refresh_token"]},
-                                    headers=bearer(caller))).json()
+                                    headers=caller)).json()
     assert as_refresh["active"] is True and as_refresh["sid"] == active["sid"]
-    assert (await client.post(url, data={"token": "garbage"}, headers=bearer(caller))
+    assert (await client.post(url, data={"token": "garbage"}, headers=caller)
             ).json() == {"active": False}
     await client.post(realm_url(realm, "/signout"), headers=bearer(subject))
     assert (await client.post(url, data={"token": subject["access_token"]},
-                              headers=bearer(caller))).json() == {"active": False}
+                              headers=caller)).json() == {"active": False}
 
 
-async def test_introspection_calls_only_the_current_refresh_token_active(client, realm):
-    _, caller = await signed_in(client, realm)
+async def test_introspection_refuses_callers_without_the_realms_api_key(client, core, realm):
+    """A user's own access token is not a protected resource's credential: with it, anyone
+    signed in could test a stolen refresh token without spending it."""
+    _, user = await signed_in(client, realm)
+    _, subject = await signed_in(client, realm)
+    url = realm_url(realm, "/oauth/introspect")
+    key, raw = await core.api_keys.create(realm, "revoked later")
+    await core.api_keys.revoke(realm, key.id)
+    other_realm = await core.realms.create(f"t-i{key.id[:12]}")
+    _, of_another_realm = await core.api_keys.create(other_realm, "elsewhere")
+    for headers in ({}, bearer(user), {"Authorization": f"Bearer {raw}"},
+                    {"Authorization": f"Bearer {of_another_realm}"},
+                    {"Authorization": "Basic " + "not base64!"},
+                    {"Authorization": "Basic " + base64.b64encode(b"no colon").decode()}):
+        for token in (subject["refresh_token"], subject["access_token"]):
+            refused = await client.post(url, data={"token": token}, headers=headers)
+            assert refused.status_code == 401, (headers, refused.text)
+            assert refused.json()["error"] == "invalid_client"
+            assert "active" not in refused.text and subject["refresh_token"] not in refused.text
+    # Nothing was spent: the refresh token still rotates.
+    assert (await refresh(client, realm, subject["refresh_token"])).status_code == 200
+
+
+async def test_introspection_takes_the_api_key_as_the_basic_password(client, core, realm):
+    _, subject = await signed_in(client, realm)
+    _, raw = await core.api_keys.create(realm, "resource server")
+    url = realm_url(realm, "/oauth/introspect")
+    # RFC 6749 §2.3.1: user name and password form-encoded, then base64; any user name.
+    basic = base64.b64encode(f"rs%3A1:{quote_plus(raw)}".encode()).decode()
+    answer = await client.post(url, data={"token": subject["access_token"]},
+                               headers={"Authorization": f"Basic {basic}"})
+    assert answer.status_code == 200 and answer.json()["active"] is True
+    wrong = base64.b64encode(f"rs:{raw}x".encode()).decode()
+    refused = await client.post(url, data={"token": subject["access_token"]},
+                                headers={"Authorization": f"Basic {wrong}"})
+    assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+
+
+async def test_an_organisations_key_learns_only_of_its_active_members_tokens(client, core, realm):
+    email, member = await signed_in(client, realm)
+    _, stranger = await signed_in(client, realm)
+    org = await core.organisations.create(realm, f"org-{unique_email()[:8]}")
+    user = await core.users.find(realm, email)
+    await core.organisations.add_member(realm, org, user.id, roles=[])
+    caller = await resource_server(core, realm, organisation_id=org.id)
+    url = realm_url(realm, "/oauth/introspect")
+    for token in (member["access_token"], member["refresh_token"]):
+        answer = (await client.post(url, data={"token": token}, headers=caller)).json()
+        assert answer["active"] is True and answer["sub"] == user.id
+    for token in (stranger["access_token"], stranger["refresh_token"]):
+        assert (await client.post(url, data={"token": token}, headers=caller)
+                ).json() == {"active": False}
+    await core.organisations.add_member(realm, org, user.id, roles=[], status="inactive")
+    assert (await client.post(url, data={"token": member["access_token"]}, headers=caller)
+            ).json() == {"active": False}
+    # The realm's own keys still see every live token.
+    realm_wide = await resource_server(core, realm)
+    assert (await client.post(url, data={"token": stranger["access_token"]},
+                              headers=realm_wide)).json()["active"] is True
+
+
+async def test_introspection_calls_only_the_current_refresh_token_active(client, core, realm):
+    caller = await resource_server(core, realm)
     _, subject = await signed_in(client, realm)
     url = realm_url(realm, "/oauth/introspect")
     successor = (await refresh(client, realm, subject["refresh_token"])).json()
     rotated = (await client.post(url, data={"token": subject["refresh_token"]},
-                                 headers=bearer(caller))).json()
+                                 headers=caller)).json()
     assert rotated == {"active": False}
     current = (await client.post(url, data={"token": successor["refresh_token"]},
-                                 headers=bearer(caller))).json()
+                                 headers=caller)).json()
     assert current["active"] is True and current["token_type"] == "refresh_token"
     assert current["scope"] == "openid profile email phone"  # the realm's default scope
     # The token's own expiry (30 days), not its session's (90 days).
     assert abs(current["exp"] - current["iat"] - 30 * 86_400) <= 2
 
 
-async def test_an_id_token_is_not_an_access_token(client, realm):
+async def test_an_id_token_is_not_an_access_token(client, core, realm):
     _, tokens = await signed_in(client, realm)
     assert jwt.get_unverified_header(tokens["access_token"])["typ"] == "at+jwt"
     assert jwt.get_unverified_header(tokens["id_token"])["typ"] == "JWT"
@@ -229,7 +299,8 @@ async def test_an_id_token_is_not_an_access_token(client, realm):
     assert refused.status_code == 401 and refused.json()["error"] == "invalid_token"
     assert (await client.get(realm_url(realm, "/me"), headers=as_bearer)).status_code == 401
     introspected = await client.post(realm_url(realm, "/oauth/introspect"),
-                                     data={"token": tokens["id_token"]}, headers=bearer(tokens))
+                                     data={"token": tokens["id_token"]},
+                                     headers=await resource_server(core, realm))
     assert introspected.json() == {"active": False}
     assert (await client.get(realm_url(realm, "/userinfo"), headers=bearer(tokens))
             ).status_code == 200
@@ -400,10 +471,15 @@ async def test_the_openapi_document_says_which_operations_take_a_bearer(client):
 
     for path, method in (("/userinfo", "get"), ("/realms/{realm}/userinfo", "get"),
                          ("/signout", "post"), ("/sessions", "get"), ("/me", "get"),
-                         ("/oauth/introspect", "post"), ("/admin/realms", "post"),
-                         ("/admin/realms/{realm_name}/users", "get")):
+                         ("/admin/realms", "post"), ("/admin/realms/{realm_name}/users", "get")):
         assert secured(path, method), (path, method)
-    for path, method in (("/oauth/token", "post"), ("/signup", "post"),
+    # Introspection takes the realm's API key, as a bearer or as the Basic password.
+    schemes = document["components"]["securitySchemes"]
+    for path in ("/oauth/introspect", "/realms/{realm}/oauth/introspect"):
+        assert paths[path]["post"]["security"] == [{"apiKey": []}, {"apiKeyBasic": []}]
+    assert (schemes["apiKey"]["scheme"], schemes["apiKeyBasic"]["scheme"]) == ("bearer", "basic")
+    for path, method in (("/oauth/introspect", "post"), ("/oauth/token", "post"),
+                         ("/signup", "post"),
                          ("/.well-known/jwks.json", "get"), ("/healthz", "get"),
                          ("/descope/v1/auth/me", "get"), ("/tiledesk/auth/signin", "post")):
         assert not secured(path, method), (path, method)

@@ -352,7 +352,8 @@ def _document_together(app: FastAPI, others: list[FastAPI], native: list[FastAPI
                         _document_realm(operation)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                           "description": "An access token from POST /oauth/token."}}
+                           "description": "An access token from POST /oauth/token."},
+                **oauth.API_KEY_SCHEMES}
             for path, method in _bearer_operations(native):
                 operation = schema["paths"].get(path, {}).get(method)
                 if operation is not None:
@@ -366,7 +367,7 @@ def _document_together(app: FastAPI, others: list[FastAPI], native: list[FastAPI
 # What takes a bearer access token: these dependencies, and the hot endpoints that read it
 # themselves (FastAPI's dependency solving costs more than their work).
 _BEARER_DEPENDENCIES = {deps.get_principal, deps.get_principal_with_user, deps.get_admin}
-_BEARER_ENDPOINTS = {oidc.userinfo, oidc.userinfo_post, oauth.introspect}
+_BEARER_ENDPOINTS = {oidc.userinfo, oidc.userinfo_post}
 
 
 def _bearer_operations(apps: list[FastAPI]) -> set[tuple[str, str]]:

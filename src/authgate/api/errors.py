@@ -70,7 +70,10 @@ class NativeSurface(Surface):
         if error.details.get("field"):
             body["field"] = error.details["field"]
         headers = dict(NO_STORE)
-        if status == 401:
+        if error.code is ErrorCode.INVALID_API_KEY:
+            # The two ways a protected resource may present its key (RFC 6749 §5.2).
+            headers["WWW-Authenticate"] = f'Bearer error="{wire}", Basic realm="authgate"'
+        elif status == 401:
             headers["WWW-Authenticate"] = f'Bearer error="{wire}"'
         if error.retry_after is not None:
             headers["Retry-After"] = str(error.retry_after)

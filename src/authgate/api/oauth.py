@@ -7,7 +7,10 @@ with no response-model validation.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -42,6 +45,16 @@ TOKEN_REQUEST: dict[str, Any] = {
         "client_id": {"type": "string"},
         "nonce": {"type": "string", "description": "password grant: echoed in the ID token"},
     },
+}
+
+
+# How a protected resource presents the realm's API key to the introspection endpoint, as the
+# OpenAPI document names the two ways.
+API_KEY_SCHEMES: dict[str, Any] = {
+    "apiKey": {"type": "http", "scheme": "bearer",
+               "description": "An API key of the realm (`authgate apikey create`)."},
+    "apiKeyBasic": {"type": "http", "scheme": "basic",
+                    "description": "The realm's API key as the password (any user name)."},
 }
 
 
@@ -127,36 +140,33 @@ async def revoke(request: Request, realm: Realm = Depends(get_realm)) -> Respons
     return Response(status_code=200, headers=NO_STORE)
 
 
-@router.post("/oauth/introspect", summary="Token introspection (RFC 7662)")
+@router.post("/oauth/introspect", summary="Token introspection (RFC 7662)",
+             openapi_extra={"security": [{name: []} for name in API_KEY_SCHEMES]})
 async def introspect(request: Request, realm: Realm = Depends(get_realm)) -> Response:
-    """The caller authorises itself with a bearer access token of the same realm (a resource
-    server's own token), as RFC 7662 §2.1 allows."""
-    core = get_core(request)
-    caller = bearer_token(request)
-    if caller is None:
-        raise AuthError(ErrorCode.INVALID_TOKEN, "Introspection requires a bearer token.")
-    await core.sessions.authenticate(realm, caller)
+    """The caller is a protected resource of the realm: it presents one of the realm's API keys
+    (``authgate apikey create``) as a bearer token, or as the password of HTTP Basic
+    authentication (the user name is not checked). A user's access token is refused."""
     form = await read_body(request)
     raw = string_field(form, "token", required=True, max_length=8192)
     assert raw is not None
+    about = await get_core(request).introspection.introspect(realm, presented_api_key(request),
+                                                             raw)
+    return JSONResponse(about, headers=NO_STORE)
+
+
+def presented_api_key(request: Request) -> str | None:
+    """The API key in the Authorization header: ``Bearer <key>``, or ``Basic`` with the key as
+    the password (RFC 6749 §2.3.1: both parts form-encoded, then base64). None when absent or
+    unreadable."""
+    key = bearer_token(request)
+    if key is not None:
+        return key
+    basic = bearer_token(request, scheme="basic")
+    if basic is None:
+        return None
     try:
-        principal = await core.sessions.authenticate(realm, raw)
-    except AuthError:
-        live = await core.sessions.live_refresh_token(realm, raw)
-        if live is None:
-            return JSONResponse({"active": False}, headers=NO_STORE)
-        token, session = live
-        about: dict[str, Any] = {
-            "active": True, "token_type": "refresh_token", "sub": session.user_id,
-            "sid": session.id, "client_id": session.client_id,
-            "exp": int(token.expires_at.timestamp()), "iat": int(token.created_at.timestamp()),
-            "iss": core.realms.issuer(realm)}
-        if session.scope:
-            about["scope"] = session.scope
-        return JSONResponse(about, headers=NO_STORE)
-    claims = principal.claims
-    body = {"active": True, "token_type": "access_token", "client_id": claims.get("azp"),
-            **{k: claims[k] for k in ("sub", "aud", "iss", "exp", "iat", "jti", "sid", "amr",
-                                      "scope")
-               if k in claims}}
-    return JSONResponse(body, headers=NO_STORE)
+        decoded = base64.b64decode(basic, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return unquote_plus(password) if colon else None

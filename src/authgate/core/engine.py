@@ -15,6 +15,7 @@ from authgate.core.audit import Audit
 from authgate.core.challenges import Challenges
 from authgate.core.devices import Devices
 from authgate.core.housekeeping import Housekeeping
+from authgate.core.introspection import Introspection
 from authgate.core.keys import Keys
 from authgate.core.mail import Mail
 from authgate.core.models import utcnow
@@ -60,6 +61,7 @@ class Core:
         self.org_access = OrganisationAccess(self)
         self.devices = Devices(self)
         self.api_keys = ApiKeys(self)
+        self.introspection = Introspection(self)
         self.totp = Totp(self)
 
     async def close(self) -> None:
