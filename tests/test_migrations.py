@@ -26,7 +26,7 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
     engine = create_engine(empty_url)
     try:
         await upgrade(engine)
-        assert await current_revision(engine) == head_revision() == "0006"
+        assert await current_revision(engine) == head_revision() == "0007"
         async with engine.connect() as conn:
             drift = await conn.run_sync(lambda c: compare_metadata(
                 MigrationContext.configure(c, opts={"compare_type": True}), metadata))
@@ -35,7 +35,7 @@ async def test_upgrade_reaches_head_with_no_drift_and_downgrades_to_base(empty_u
             await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
         assert await current_revision(engine) is None
         await upgrade(engine)  # and up again
-        assert await current_revision(engine) == "0006"
+        assert await current_revision(engine) == "0007"
     finally:
         await engine.dispose()
         await asyncio.sleep(0)
@@ -73,3 +73,27 @@ async def test_sessions_granted_only_openid_keep_the_claims_they_showed(empty_ur
     finally:
         await engine.dispose()
         await asyncio.sleep(0)
+
+
+async def test_refresh_token_pages_keep_room_for_the_rotations_update(tmp_path):
+    """0007, PostgreSQL: a rotated token's new version can stay on its page (fillfactor), and
+    a downgrade takes the setting away."""
+    from sqlalchemy import text
+
+    async with new_database("postgres", tmp_path) as url:
+        engine = create_engine(url)
+
+        async def options() -> list[str] | None:
+            async with engine.connect() as conn:
+                return (await conn.execute(text(
+                    "SELECT reloptions FROM pg_class WHERE relname = 'refresh_tokens'"))).scalar()
+
+        try:
+            await upgrade(engine)
+            assert await options() == ["fillfactor=60"]
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0006"))
+            assert await options() is None
+        finally:
+            await engine.dispose()
+            await asyncio.sleep(0)
