@@ -1009,3 +1009,60 @@ async def test_a_wrong_password_cancelled_while_its_failure_is_written_is_counte
     login, address = await _counters(core, realm, email, ip)
     assert (login.failures, login.pending) == (3, 0)
     assert (address.failures, address.pending) == (1, 1)
+
+
+SURFACE_SIGN_INS = {
+    # surface: (path, how the request carries the credentials)
+    "native": ("/oauth/token", "form"),
+    "deskera": ("/deskera/v1/iam/auth/sign-in/web/sign-in", "userName"),
+    "webapi": ("/webapi/api/v1/Authentication/Login?APIKey={key}", "userName"),
+    "tiledesk": ("/tiledesk/auth/signin", "email"),
+    "descope": ("/descope/v1/auth/password/signin", "loginId"),
+}
+
+
+@pytest.mark.parametrize("surface", sorted(SURFACE_SIGN_INS))
+async def test_every_surface_writes_a_sign_ins_success_with_its_session(
+        client: Any, core: Core, monkeypatch: pytest.MonkeyPatch, surface: str):
+    """A password sign-in on any surface clears the login id's failures in the write that
+    opens its session, not in a write of its own before it."""
+    from authgate.store.repositories import SessionRepo, ThrottleRepo
+
+    realm = await core.realms.require("default")  # the dialects' realm in the tests
+    _, key = await core.api_keys.create(realm, "sign-in test")
+    email = unique_email()
+    await core.users.create(realm, NewUser(email=email, password=PASSWORD))
+    path, shape = SURFACE_SIGN_INS[surface]
+
+    async def sign_in(password: str) -> Any:
+        url = path.format(key=key)
+        if shape == "form":
+            return await client.post(url, data={"grant_type": "password", "username": email,
+                                                "password": password})
+        return await client.post(url, json={shape: email, "password": password},
+                                 headers={"Authorization": f"Bearer {realm.project_id}"})
+
+    assert (await sign_in("not the password")).status_code in (400, 401, 403)
+    login, _ = await _counters(core, realm, email, "127.0.0.1")
+    assert (login.failures, login.pending) == (1, 0)
+    settled_apart: list[object] = []  # settlements written outside a session's opening
+    opened: list[object] = []
+    settle, open_session = ThrottleRepo.settle, SessionRepo.open
+
+    async def settling(self: ThrottleRepo, settlement: Any) -> None:
+        if not any(settlement is carried for carried in opened):
+            settled_apart.append(settlement)
+        await settle(self, settlement)
+
+    async def opening(self: SessionRepo, *args: Any, **kwargs: Any) -> None:
+        opened.append(args[4] if len(args) > 4 else kwargs.get("settlement"))
+        await open_session(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThrottleRepo, "settle", settling)
+    monkeypatch.setattr(SessionRepo, "open", opening)
+    answer = await sign_in(PASSWORD)
+    assert answer.status_code == 200, answer.text
+    assert len(opened) == 1 and opened[0] is not None and opened[0].written
+    assert settled_apart == []
+    login, _ = await _counters(core, realm, email, "127.0.0.1")
+    assert (login.failures, login.pending) == (0, 0)

@@ -9,7 +9,7 @@ the password, on every surface: one that cannot ask for it cannot sign such a us
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,18 @@ class SignedIn:
 
     user: User
     amr: list[str]
+
+
+@dataclass(slots=True)
+class Proven(SignedIn):
+    """A password proven, inside ``SignIn.proving``: ``session`` opens the user's session."""
+
+    _open: Callable[..., Awaitable[Tokens]]
+
+    async def session(self, **start: Any) -> Tokens:
+        """``Sessions.start`` for the user (``start``: its arguments but the user, ``amr`` and
+        ``client``), the attempt's success written in the same write."""
+        return await self._open(**start)
 
 
 class SignIn:
@@ -64,12 +76,27 @@ class SignIn:
         """``password``, then ``Sessions.start`` (with ``start``'s arguments) for the user it
         signed in; the attempt's success is written with the session, in one write where
         there would be two (the throttle's, then the session's)."""
+        async with self.proving(realm, login_id, password, client, mfa_code=mfa_code) as proven:
+            return await proven.session(**start)
+
+    @asynccontextmanager
+    async def proving(self, realm: Realm, login_id: str, password: str,
+                      client: ClientInfo | None = None, *,
+                      mfa_code: str | None = None) -> AsyncIterator[Proven]:
+        """``password_session`` for a caller with work to do between the password and the
+        session (a device to record, say): ``proven.session(...)`` opens the session with the
+        attempt's success. A body that opens none has the success written as it leaves; one
+        that fails releases the attempt, neither success nor failure."""
         async with self._signing_in(realm, login_id, password, client, mfa_code) as (
                 signed_in, attempt):
-            # To its end: once the session is written, the attempt is resolved by it.
-            return await completed(self.core.sessions.start(
-                realm, signed_in.user, amr=signed_in.amr, client=client,
-                settlement=attempt.settlement() if attempt is not None else None, **start))
+            async def open_session(**start: Any) -> Tokens:
+                settles = attempt is not None and not attempt.resolved
+                # To its end: once the session is written, the attempt is resolved by it.
+                return await completed(self.core.sessions.start(
+                    realm, signed_in.user, amr=signed_in.amr, client=client,
+                    settlement=attempt.settlement() if settles else None, **start))
+
+            yield Proven(signed_in.user, signed_in.amr, open_session)
 
     @asynccontextmanager
     async def _signing_in(self, realm: Realm, login_id: str, password: str,

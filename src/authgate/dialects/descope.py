@@ -35,6 +35,7 @@ from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, Session, User
 from authgate.core.organisations import Account
 from authgate.core.sessions import Tokens, check_custom_claims
+from authgate.core.signin import Proven
 from authgate.core.users import PHONE, NewUser
 from authgate.crypto.tokens import new_id
 
@@ -363,20 +364,20 @@ async def _login_options(request: Request, realm: Realm, token: str | None,
     return found
 
 
-async def _start(request: Request, realm: Realm, user: User, options: LoginOptions, *,
+async def _start(request: Request, realm: Realm, proven: Proven, options: LoginOptions, *,
                  first_seen: bool) -> Response:
     """Start a session after a password check, or step up the session of the refresh JWT."""
     core = _core(request)
     client = client_info(request)
     custom = options.custom
+    user = proven.user
     if options.refresh is not None:
         custom = {**(options.refresh.get("cc") or {}), **custom}
         tokens = await core.sessions.step_up(realm, options.refresh["rt"], user, amr=["pwd"],
                                              mfa=options.mfa, client=client)
         stepped_up = options.stepup or bool(options.refresh.get("su"))
     else:
-        tokens = await core.sessions.start(realm, user, amr=["pwd"], client=client,
-                                           with_id_token=False)
+        tokens = await proven.session(with_id_token=False)
         stepped_up = False
     if options.revoke_others:
         await core.sessions.revoke_all(realm, user.id, except_session_id=tokens.session.id,
@@ -451,8 +452,9 @@ async def password_signin(request: Request) -> Response:
     password = _required(body, "password", max_length=core.settings.password_max_length)
     string_field(body, "ssoAppId", max_length=200)  # accepted, not used (no SSO apps)
     options = await _login_options(request, realm, token, body)  # before any password work
-    user = (await core.signin.password(realm, login_id, password, client_info(request))).user
-    return await _start(request, realm, user, options, first_seen=user.last_sign_in_at is None)
+    async with core.signin.proving(realm, login_id, password, client_info(request)) as proven:
+        return await _start(request, realm, proven, options,
+                            first_seen=proven.user.last_sign_in_at is None)
 
 
 @router.post("/v1/auth/password/replace", summary="Replace a password, proving the old one")

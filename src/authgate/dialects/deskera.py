@@ -13,6 +13,7 @@ Where Deskera is silent, this dialect chooses:
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -31,7 +32,7 @@ from authgate.core.engine import Core
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import ClientInfo, Realm, User
 from authgate.core.sessions import Principal, Tokens
-from authgate.core.signin import SignedIn
+from authgate.core.signin import Proven
 from authgate.core.users import NewUser
 
 FAILED_CREDENTIALS = "Failed to authenticate user credentials."
@@ -148,16 +149,14 @@ def _device_key(request: Request, body: dict[str, Any]) -> str | None:
             or (request.headers.get("x-device-key") or "").strip()[:128] or None)
 
 
-async def _signed_in(request: Request, realm: Realm, signed_in: SignedIn,
+async def _signed_in(request: Request, realm: Realm, proven: Proven,
                      client: ClientInfo, body: dict[str, Any]) -> Response:
     core = _core(request)
-    user, amr = signed_in.user, signed_in.amr
-    sighting = await core.devices.sighting(realm, user, client.device_key,
+    sighting = await core.devices.sighting(realm, proven.user, client.device_key,
                                            name=string_field(body, "deviceName", max_length=200),
                                            client=client)
-    tokens = await core.sessions.start(realm, user, amr=amr, client=client,
-                                       device_id=sighting.device.id,
-                                       access_ttl=core.settings.deskera_token_ttl)
+    tokens = await proven.session(device_id=sighting.device.id,
+                                  access_ttl=core.settings.deskera_token_ttl)
     device = ((sighting.device.device_group_key, sighting.device.device_key)
               if sighting.is_new else None)
     return JSONResponse(await _token_object(core, tokens, device=device), headers=NO_STORE)
@@ -171,13 +170,15 @@ async def sign_in(request: Request) -> Response:
     user_name, password = _credentials(body, core)
     # isMobile, inviteCode and referer are accepted and have no effect.
     client = client_info(request, device_key=_device_key(request, body))
-    try:
-        signed_in = await core.signin.password(realm, user_name, password, client)
-    except AuthError as exc:
-        if exc.code is not ErrorCode.MFA_REQUIRED:
-            raise
-        return JSONResponse({"isMFAEnabled": True}, headers=NO_STORE)
-    return await _signed_in(request, realm, signed_in, client, body)
+    async with AsyncExitStack() as signing_in:
+        try:
+            proven = await signing_in.enter_async_context(
+                core.signin.proving(realm, user_name, password, client))
+        except AuthError as exc:
+            if exc.code is not ErrorCode.MFA_REQUIRED:
+                raise
+            return JSONResponse({"isMFAEnabled": True}, headers=NO_STORE)
+        return await _signed_in(request, realm, proven, client, body)
 
 
 @router.post("/v1/iam/auth/sign-in/web/mfa-signin", summary="Web sign-in with a TOTP code")
@@ -188,8 +189,9 @@ async def mfa_sign_in(request: Request) -> Response:
     user_name, password = _credentials(body, core)
     code = string_field(body, "mfaCode", required=True, max_length=64)
     client = client_info(request, device_key=_device_key(request, body))
-    signed_in = await core.signin.password(realm, user_name, password, client, mfa_code=code)
-    return await _signed_in(request, realm, signed_in, client, body)
+    async with core.signin.proving(realm, user_name, password, client,
+                                   mfa_code=code) as proven:
+        return await _signed_in(request, realm, proven, client, body)
 
 
 async def _refresh(request: Request) -> Response:

@@ -28,6 +28,7 @@ from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, User
 from authgate.core.org_access import CONTACT_EMAIL
 from authgate.core.sessions import Principal
+from authgate.core.signin import Proven
 from authgate.core.users import EMAIL, NewUser
 from authgate.crypto.tokens import new_id
 
@@ -279,12 +280,18 @@ def _ok(body: dict[str, Any]) -> JSONResponse:
 
 
 async def _token(request: Request, realm: Realm, user: User, *, subject: str, amr: list[str],
-                 claims: dict[str, Any], organisation_id: str | None = None) -> str:
-    """Start a core session and sign Tiledesk's claims for it: ``"JWT <jwt>"``."""
+                 claims: dict[str, Any], organisation_id: str | None = None,
+                 proven: Proven | None = None) -> str:
+    """Start a core session (``proven``'s, after a password) and sign Tiledesk's claims for
+    it: ``"JWT <jwt>"``."""
     core = _core(request)
-    session = (await core.sessions.start(realm, user, amr=amr, client=client_info(request),
-                                         organisation_id=organisation_id,
-                                         with_id_token=False)).session
+    if proven is not None:
+        tokens = await proven.session(organisation_id=organisation_id, with_id_token=False)
+    else:
+        tokens = await core.sessions.start(realm, user, amr=amr, client=client_info(request),
+                                           organisation_id=organisation_id,
+                                           with_id_token=False)
+    session = tokens.session
     issuer = core.realms.issuer(realm)
     now = int(core.now().timestamp())
     signed = await core.keys.sign(realm, typ=TOKEN_TYPE, claims={
@@ -310,11 +317,11 @@ async def signin(request: Request) -> Response:
     password = checks.not_empty("password", _core(request).settings.password_max_length)
     checks.done()
     assert email is not None and password is not None
-    signed_in = await _core(request).signin.password(realm, email, password,
-                                                     client_info(request))
-    user = signed_in.user
-    token = await _token(request, realm, user, subject="user", amr=signed_in.amr,
-                         claims=user_json(user))
+    async with _core(request).signin.proving(realm, email, password,
+                                             client_info(request)) as proven:
+        user = proven.user
+        token = await _token(request, realm, user, subject="user", amr=proven.amr,
+                             claims=user_json(user), proven=proven)
     return _ok({"success": True, "token": token, "user": user_json(user)})
 
 

@@ -175,18 +175,17 @@ async def login(request: Request) -> Response:
     mfa_code = _text(body, "mfaCode", max_length=64)
     assert user_name is not None and password is not None
     client = client_info(request)
-    signed_in = await core.signin.password(realm, user_name, password, client,
-                                           mfa_code=mfa_code)
-    user, amr = signed_in.user, signed_in.amr
-    device: Device | None = None
-    reauth_token: str | None = None
-    if device_name:
-        device = await core.devices.named(realm, user, device_name, client=client)
-        if generate:
-            reauth_token = await core.devices.issue_reauth_token(realm, device, client=client)
-    tokens = await core.sessions.start(realm, user, amr=amr, client=client,
-                                       device_id=device.id if device else None,
-                                       with_id_token=False)
+    async with core.signin.proving(realm, user_name, password, client,
+                                   mfa_code=mfa_code) as proven:
+        device: Device | None = None
+        reauth_token: str | None = None
+        if device_name:
+            device = await core.devices.named(realm, proven.user, device_name, client=client)
+            if generate:
+                reauth_token = await core.devices.issue_reauth_token(realm, device,
+                                                                     client=client)
+        tokens = await proven.session(device_id=device.id if device else None,
+                                      with_id_token=False)
     return _login_data(request, tokens, reauth_token)
 
 
