@@ -19,8 +19,6 @@ from authgate.core.models import Realm
 if TYPE_CHECKING:
     from authgate.core.engine import Core
 
-INACTIVE: dict[str, Any] = {"active": False}
-
 # The access token's claims an introspection answer repeats (RFC 7662 §2.2).
 ACCESS_TOKEN_MEMBERS = ("sub", "aud", "iss", "exp", "iat", "jti", "sid", "amr", "scope")
 
@@ -37,15 +35,15 @@ class Introspection:
             raise AuthError(ErrorCode.INVALID_API_KEY)
         about = await self._about(realm, token)
         organisation_id = verified.key.organisation_id
-        if about is INACTIVE or organisation_id is None:
-            return about
-        async with self.core.store.transaction() as tx:
-            membership = await tx.memberships.find(organisation_id, about["sub"])
-        if membership is None or membership.status != "active":
-            return INACTIVE
-        return about
+        if about is not None and organisation_id is not None:
+            async with self.core.store.transaction() as tx:
+                membership = await tx.memberships.find(organisation_id, about["sub"])
+            if membership is None or membership.status != "active":
+                about = None
+        return about if about is not None else {"active": False}
 
-    async def _about(self, realm: Realm, token: str) -> dict[str, Any]:
+    async def _about(self, realm: Realm, token: str) -> dict[str, Any] | None:
+        """What a live token says of itself; None for anything else."""
         sessions = self.core.sessions
         try:
             principal = await sessions.authenticate(realm, token)
@@ -57,7 +55,7 @@ class Introspection:
                     **{k: claims[k] for k in ACCESS_TOKEN_MEMBERS if k in claims}}
         live = await sessions.live_refresh_token(realm, token)
         if live is None:
-            return INACTIVE
+            return None
         refresh, session = live
         about: dict[str, Any] = {
             "active": True, "token_type": "refresh_token", "sub": session.user_id,
