@@ -30,6 +30,9 @@ class Introspection:
     async def introspect(self, realm: Realm, api_key: str | None, token: str) -> dict[str, Any]:
         """RFC 7662's answer about ``token`` for the holder of ``api_key``; INVALID_API_KEY when
         the key is missing, unknown, revoked or of another realm (one answer for all four)."""
+        if not api_key:
+            raise AuthError(ErrorCode.INVALID_API_KEY, "Introspection needs one of the realm's "
+                            "API keys, as a bearer token or as the Basic password.")
         verified = await self.core.api_keys.verify(api_key)
         if verified.realm.id != realm.id:
             raise AuthError(ErrorCode.INVALID_API_KEY)
