@@ -120,6 +120,59 @@ async def test_giving_up_on_closing_cancels_no_callers_read():
     assert await caller == "A"
 
 
+async def test_reads_asked_for_while_the_cap_is_out_go_out_together_when_one_is_back():
+    reads = Reads(delay=0.05)
+    capped, uncapped = Batched(reads, in_flight=1), Batched(Reads(delay=0.05))
+    for batched in (capped, uncapped):
+        first = asyncio.ensure_future(batched.get("a"))
+        for _ in range(5):  # the first read is out
+            await asyncio.sleep(0)
+        later = []
+        for key in ("b", "c"):  # each in a turn of its own
+            later.append(asyncio.ensure_future(batched.get(key)))
+            for _ in range(5):
+                await asyncio.sleep(0)
+        assert await asyncio.gather(first, *later) == ["A", "B", "C"]
+    assert reads.calls == [["a"], ["b", "c"]]
+    assert uncapped._run.calls == [["a"], ["b"], ["c"]]  # type: ignore[attr-defined]
+
+
+async def test_no_more_reads_are_out_at_once_than_the_cap():
+    out, most = 0, 0
+
+    async def read(keys: list[str]) -> list[str]:
+        nonlocal out, most
+        out += 1
+        most = max(most, out)
+        await asyncio.sleep(0.01)
+        out -= 1
+        return [key.upper() for key in keys]
+
+    batched = Batched(read, in_flight=2, limit=2)
+    keys = [f"k{i}" for i in range(20)]
+    callers = []
+    for key in keys:  # in turns of their own, and some in the same turn
+        callers.append(asyncio.ensure_future(batched.get(key)))
+        if len(callers) % 3 == 0:
+            await asyncio.sleep(0.002)
+    assert await asyncio.gather(*callers) == [key.upper() for key in keys]
+    assert most == 2
+
+
+async def test_closing_waits_for_reads_held_back_by_the_cap():
+    reads = Reads(delay=0.05)
+    batched = Batched(reads, in_flight=1)
+    first = asyncio.ensure_future(batched.get("a"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    held = asyncio.ensure_future(batched.get("b"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await batched.close()
+    assert (first.result(), held.result()) == ("A", "B")
+    assert reads.calls == [["a"], ["b"]]
+
+
 async def test_callers_of_the_same_key_each_get_a_value_of_their_own():
     async def read(keys: list[str]) -> list[list[str]]:
         return [[key] for key in keys]

@@ -8,12 +8,18 @@ most of a one-row read. Calls asked for in the same turn of the event loop go ou
 when the loop next runs its callbacks, as one statement for all their keys. Nothing is cached:
 each call is sent after its caller asked for it, so it sees everything committed before, as a
 statement of its own would.
+
+A batch may also cap how many of its statements are out at once (``in_flight``): the calls
+asked for while the cap is reached wait for one to come back and then go out together. Where
+the event loop is the bottleneck, each statement's own cost (a send that wakes a backend, a
+reply to read) is then shared by more callers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
@@ -41,14 +47,17 @@ class Batched(Generic[K, V]):
     that gives up before its key is sent is left out of the run, and does not disturb the
     others."""
 
-    __slots__ = ("_run", "_limit", "_pending", "_running")
+    __slots__ = ("_run", "_limit", "_in_flight", "_pending", "_running", "_out", "_held")
 
     def __init__(self, run: Callable[[list[K]], Awaitable[Sequence[V | Failed | None]]], *,
-                 limit: int = MAX_KEYS) -> None:
+                 limit: int = MAX_KEYS, in_flight: int | None = None) -> None:
         self._run = run
         self._limit = limit
+        self._in_flight = in_flight  # runs out at once at most (None: no cap)
         self._pending: list[tuple[K, asyncio.Future[V | None]]] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._out = 0  # runs sent or about to be, not yet answered
+        self._held: deque[list[tuple[K, asyncio.Future[V | None]]]] = deque()
 
     async def get(self, key: K) -> V | None:
         loop = asyncio.get_running_loop()
@@ -56,8 +65,12 @@ class Batched(Generic[K, V]):
         pending = self._pending
         if pending is None or len(pending) >= self._limit:
             pending = self._pending = []
-            # In a context of its own: the run belongs to no one caller's request.
-            loop.call_soon(self._send, pending, context=contextvars.Context())
+            if self._in_flight is None or self._out < self._in_flight:
+                self._out += 1
+                # In a context of its own: the run belongs to no one caller's request.
+                loop.call_soon(self._send, pending, context=contextvars.Context())
+            else:  # sent when a run comes back; callers join it until then
+                self._held.append(pending)
         pending.append((key, waiter))
         return await waiter
 
@@ -66,7 +79,16 @@ class Batched(Generic[K, V]):
             self._pending = None
         task = asyncio.get_running_loop().create_task(self._answer(pending))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._held:
+            # The run's place goes to the oldest held one (self._out unchanged).
+            asyncio.get_running_loop().call_soon(self._send, self._held.popleft(),
+                                                 context=contextvars.Context())
+        else:
+            self._out -= 1
 
     async def _answer(self, pending: list[tuple[K, asyncio.Future[V | None]]]) -> None:
         waiting = [(key, waiter) for key, waiter in pending if not waiter.done()]
@@ -100,9 +122,9 @@ class Batched(Generic[K, V]):
                 waiter.set_result(value)
 
     async def close(self) -> None:
-        """Wait for the calls asked for so far: those already sent, and those the loop sends
-        on its next turn."""
-        while self._pending is not None or self._running:
+        """Wait for the calls asked for so far: those already sent, those held back by the cap,
+        and those the loop sends on its next turn."""
+        while self._pending is not None or self._out:
             if self._running:  # asyncio.wait: giving up on close cancels no caller's call
                 await asyncio.wait(set(self._running))
             else:
