@@ -32,6 +32,7 @@ from authgate.api import (
     verification,
 )
 from authgate.api.docs import serve_docs
+from authgate.api.lanes import lanes, server_error
 from authgate.api.errors import native
 from authgate.api.surface import NUL_REFUSED, BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
@@ -247,16 +248,27 @@ def create_app(settings: Settings, core: Core | None = None) -> SurfaceDispatch:
     _serve(app, settings)
     _document_together(app, [per_realm, administration, *served.values()],
                        native=[app, per_realm, administration])
-    return SurfaceDispatch(app, by_prefix)
+    # The hot endpoints, in lanes of their own (api/lanes.py): under /realms/{realm}, and at the
+    # root unless a dialect served there takes the same method and path.
+    hot = lanes(native_routers, native, lambda lane: _wrapped(lane, settings))
+    taken = _taken(rooted)
+    return SurfaceDispatch(app, by_prefix,
+                           lanes={key: lane for key, lane in hot.items() if key not in taken},
+                           realm_lanes=hot)
+
+
+def _taken(rooted: list[APIRouter]) -> set[tuple[str, str]]:
+    """The (method, path) pairs the dialects served at the root answer."""
+    return {(method, route.path) for dialect in rooted for route in dialect.routes
+            for method in getattr(route, "methods", ())}
 
 
 def _warn_shadowed(router: APIRouter, rooted: list[APIRouter]) -> None:
     """Say which native routes a dialect served at the root takes over."""
-    taken = {(route.path, method) for dialect in rooted for route in dialect.routes
-             for method in getattr(route, "methods", ())}
+    taken = _taken(rooted)
     for route in router.routes:
         for method in sorted(getattr(route, "methods", ())):
-            if (route.path, method) in taken:
+            if (method, route.path) in taken:
                 log.warning("native route served only under /realms/{realm}: a dialect "
                             "served at the root answers it", method=method, path=route.path)
 
@@ -299,15 +311,22 @@ def _serve(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        # A bug, not bad input: log it (no bodies, no headers: no secrets) and answer plainly.
-        log.error("unhandled error", path=request.url.path, error=type(exc).__name__,
-                  exc_info=exc)
-        return JSONResponse({"error": "server_error",
-                             "error_description": "An internal error occurred."},
-                            status_code=500)
+        return server_error(request, exc)
 
-    app.add_middleware(RequestLimits, limit=settings.max_body_bytes)
-    app.add_middleware(Timing)
+    for middleware, options in _outer_middleware(settings):
+        app.add_middleware(middleware, **options)
+
+
+def _outer_middleware(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
+    """The middleware around every app of the server and every lane, innermost first."""
+    return [(RequestLimits, {"limit": settings.max_body_bytes}), (Timing, {})]
+
+
+def _wrapped(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """``app`` inside the outer middleware, as ``add_middleware`` stacks it on an app."""
+    for middleware, options in _outer_middleware(settings):
+        app = middleware(app, **options)
+    return app
 
 
 def mount_dialects(app: FastAPI,
@@ -399,17 +418,22 @@ def _document_realm(operation: dict[str, Any]) -> None:
 
 
 class SurfaceDispatch:
-    """The ASGI app servers run. A request whose first path segment has an app of its own (a
-    dialect's prefix, ``/realms``, ``/admin``, a native router's segment such as ``/oauth``)
-    goes straight to it, everything else to the native app.
+    """The ASGI app servers run. A hot endpoint's method and path go to its lane
+    (``api/lanes.py``); a request whose first path segment has an app of its own (a dialect's
+    prefix, ``/realms``, ``/admin``, a native router's segment such as ``/oauth``) goes
+    straight to it; everything else to the native app.
 
     FastAPI matches routes one by one (some 20 k instructions each): in one app holding every
     route, a dialect request paid for matching every native route first. Attributes not
     defined here are the native app's (``state``, ``openapi``, ...)."""
 
-    def __init__(self, native: FastAPI, by_prefix: dict[str, FastAPI]) -> None:
+    def __init__(self, native: FastAPI, by_prefix: dict[str, FastAPI], *,
+                 lanes: dict[tuple[str, str], ASGIApp] | None = None,
+                 realm_lanes: dict[tuple[str, str], ASGIApp] | None = None) -> None:
         self.native = native
         self.by_prefix = by_prefix
+        self.lanes = lanes or {}  # by (method, path) at the root
+        self.realm_lanes = realm_lanes or {}  # by (method, path) under /realms/{realm}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and self.by_prefix:
@@ -417,12 +441,30 @@ class SurfaceDispatch:
             root = scope.get("root_path") or ""
             if root and path.startswith(root):
                 path = path[len(root):]
+            if scope["type"] == "http":
+                lane = self._lane(scope, path)
+                if lane is not None:
+                    scope["app"] = self.native  # whose state the endpoint reads
+                    await lane(scope, receive, send)
+                    return
             end = path.find("/", 1)
             target = self.by_prefix.get(path if end < 0 else path[:end])
             if target is not None:
                 await target(scope, receive, send)
                 return
         await self.native(scope, receive, send)
+
+    def _lane(self, scope: Scope, path: str) -> ASGIApp | None:
+        """The lane serving this request, if any; under ``/realms/{realm}`` the realm's name
+        becomes the path parameter the endpoint reads, as its route would have made it."""
+        lane = self.lanes.get((scope["method"], path))
+        if lane is None and path.startswith("/realms/"):
+            realm, slash, rest = path[len("/realms/"):].partition("/")
+            if realm and slash:
+                lane = self.realm_lanes.get((scope["method"], slash + rest))
+                if lane is not None:
+                    scope["path_params"] = {"realm": realm}
+        return lane
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.native, name)

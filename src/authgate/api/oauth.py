@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from authgate.api.deps import get_core, get_realm
 from authgate.api.errors import native
+from authgate.api.lanes import hot
 from authgate.api.surface import NO_STORE, JSONResponse, bearer_token, client_info
 from authgate.api.surface import read_body, string_field
 from authgate.core import scopes
@@ -80,9 +81,9 @@ def _scope(form: dict[str, Any]) -> str | None:
 @router.post("/oauth/token", summary="Token endpoint (password and refresh_token grants)",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-www-form-urlencoded": {"schema": TOKEN_REQUEST}}}})
+@hot
 async def token(request: Request) -> Response:
-    # A hot path: the realm is resolved here, not as a dependency (FastAPI's dependency
-    # solving costs more than the lookup).
+    # Served in a lane (api/lanes.py): the realm is resolved here, not as a dependency.
     realm = await get_realm(request)
     request.state.grant_endpoint = True
     form = await read_body(request)

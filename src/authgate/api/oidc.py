@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from authgate.api.deps import get_core, get_realm, principal_with_user
 from authgate.api.errors import native
+from authgate.api.lanes import hot
 from authgate.api.surface import NO_STORE, JSONResponse
 from authgate.core.models import Realm
 from authgate.core.sessions import Principal, userinfo_claims
@@ -19,15 +20,17 @@ def _userinfo(principal: Principal) -> Response:
     return JSONResponse(userinfo_claims(principal), headers=NO_STORE)
 
 
-# A hot path, matched first: the realm and the bearer are resolved in the endpoint, not as
-# dependencies (FastAPI's dependency solving costs more than the session read).
+# Served in lanes (api/lanes.py): the realm and the bearer are resolved in the endpoint, not as
+# dependencies.
 
 @router.get("/userinfo", summary="OpenID Connect userinfo")
+@hot
 async def userinfo(request: Request) -> Response:
     return _userinfo(await principal_with_user(request, await get_realm(request)))
 
 
 @router.post("/userinfo", summary="OpenID Connect userinfo (POST)", include_in_schema=False)
+@hot
 async def userinfo_post(request: Request) -> Response:
     return _userinfo(await principal_with_user(request, await get_realm(request)))
 

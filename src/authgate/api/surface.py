@@ -217,6 +217,11 @@ def bearer_token(request: Request, scheme: str = "bearer") -> str | None:
     return value.strip()
 
 
+# What a surface turns into its own error shape (``Surface.handle``); anything else is a bug.
+HANDLED = (AuthError, BadRequest, RequestValidationError, HTTPException, json.JSONDecodeError,
+           UnicodeDecodeError, UnstorableText, StoreUnavailable)
+
+
 class Surface:
     """One HTTP surface's error envelope. Subclasses implement ``render``."""
 
@@ -284,9 +289,7 @@ class Surface:
                     request.state.surface = surface
                     try:
                         return await handler(request)
-                    except (AuthError, BadRequest, RequestValidationError, HTTPException,
-                            json.JSONDecodeError, UnicodeDecodeError, UnstorableText,
-                            StoreUnavailable) as exc:
+                    except HANDLED as exc:
                         return surface.handle(request, exc)
 
                 return guarded
