@@ -1,5 +1,6 @@
 """Hot endpoints are served in lanes (api/lanes.py): the same answers as their FastAPI routes,
-the same outer middleware, and none of the framework's request machinery."""
+the same outer middleware, and none of the framework's request machinery. (Introspection's
+answers are compared here too; what they mean is tested in test_native_api.py.)"""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from authgate.api.lanes import hot, lanes
 from authgate.api.surface import JSONResponse
 from authgate.core.models import Realm
 from tests.conftest import realm_url, unique_email
+from tests.test_native_api import resource_server
 
 PASSWORD = "correct horse battery staple"
 
@@ -70,21 +72,25 @@ async def framework_counted(settings: Any, core: Any) -> AsyncIterator[tuple[Any
     yield served, counters
 
 
-async def test_hot_endpoints_are_served_without_the_framework(framework_counted, realm,
+async def test_hot_endpoints_are_served_without_the_framework(framework_counted, core, realm,
                                                               signed_in):
     served, counters = framework_counted
     bearer = {"Authorization": f"Bearer {signed_in['access_token']}"}
+    caller = await resource_server(core, realm)
     async with _client(served) as http:
         answers = [
             await http.get(realm_url(realm, "/userinfo"), headers=bearer),
             await http.post(realm_url(realm, "/userinfo"), headers=bearer),
+            await http.post(realm_url(realm, "/oauth/introspect"),
+                            data={"token": signed_in["access_token"]}, headers=caller),
             await http.post(realm_url(realm, "/oauth/token"), data={
                 "grant_type": "refresh_token", "refresh_token": signed_in["refresh_token"]}),
             await http.post("/oauth/token", data={"grant_type": "refresh_token",
                                                   "refresh_token": "not a token"}),
             await http.get("/userinfo"),
         ]
-        assert [a.status_code for a in answers] == [200, 200, 200, 400, 401]
+        assert [a.status_code for a in answers] == [200, 200, 200, 200, 400, 401]
+        assert answers[2].json()["active"] is True
         assert sum(counter.calls for counter in counters) == 0
         # Another method on a hot path is the framework's: 405 in the native shape.
         response = await http.get(realm_url(realm, "/oauth/token"))
@@ -100,8 +106,10 @@ async def _framework_answer(app: Any, method: str, path: str, **request: Any) ->
         return await http.request(method, path, **request)
 
 
-async def test_hot_endpoints_answer_as_their_routes_do(app, client, realm, signed_in):
+async def test_hot_endpoints_answer_as_their_routes_do(app, client, core, realm, signed_in):
     bearer = signed_in["access_token"]
+    caller = await resource_server(core, realm)
+    introspect = realm_url(realm, "/oauth/introspect")
     form = {"content-type": "application/x-www-form-urlencoded"}
     requests: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/oauth/token", {"content": b"grant_type=foo", "headers": form}),
@@ -127,6 +135,15 @@ async def test_hot_endpoints_answer_as_their_routes_do(app, client, realm, signe
         ("POST", realm_url(realm, "/userinfo"), {"headers": {"Authorization":
                                                              f"Bearer {bearer}"}}),
         ("GET", "/userinfo", {"headers": {"Authorization": f"Bearer {bearer}"}}),
+        ("POST", introspect, {"data": {"token": bearer}, "headers": caller}),
+        ("POST", introspect, {"data": {"token": "nothing"}, "headers": caller}),
+        ("POST", introspect, {"data": {"token": bearer}}),
+        ("POST", introspect, {"data": {"token": bearer},
+                              "headers": {"Authorization": f"Bearer {bearer}"}}),
+        ("POST", introspect, {"data": {"token": bearer},
+                              "headers": {"Authorization": "Basic !!"}}),
+        ("POST", introspect, {"data": {}, "headers": caller}),
+        ("POST", "/realms/no-such-realm/oauth/introspect", {"data": {"token": bearer}}),
     ]
     for method, path, request in requests:
         laned = await client.request(method, path, **request)

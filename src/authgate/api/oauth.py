@@ -143,10 +143,13 @@ async def revoke(request: Request, realm: Realm = Depends(get_realm)) -> Respons
 
 @router.post("/oauth/introspect", summary="Token introspection (RFC 7662)",
              openapi_extra={"security": [{name: []} for name in API_KEY_SCHEMES]})
-async def introspect(request: Request, realm: Realm = Depends(get_realm)) -> Response:
+@hot
+async def introspect(request: Request) -> Response:
     """The caller is a protected resource of the realm: it presents one of the realm's API keys
     (``authgate apikey create``) as a bearer token, or as the password of HTTP Basic
     authentication (the user name is not checked). A user's access token is refused."""
+    # A resource server may introspect on every request it serves: served in a lane.
+    realm = await get_realm(request)
     form = await read_body(request)
     raw = string_field(form, "token", required=True, max_length=8192)
     assert raw is not None
