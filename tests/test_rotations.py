@@ -12,12 +12,14 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from authgate.core.engine import Core
 from authgate.core.errors import AuthError, ErrorCode
 from authgate.core.models import Realm, RefreshToken, Rotation, utcnow
 from authgate.core.ports import StoreUnavailable
 from authgate.crypto.tokens import digest, new_id, new_token
+from authgate.store import db
 from authgate.store import tables as t
 from authgate.store.repositories import RefreshTokenRepo
 from tests.conftest import PG_ADMIN_DSN, core_on_postgres, holding, realm_url, recorded_calls
@@ -112,20 +114,48 @@ async def test_a_list_of_rotations_rotates_each_live_token_and_nothing_else(core
 
 
 async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Realm,
-                                                          statements: list[list[Rotation]]):
+                                                          statements: list[list[Rotation]],
+                                                          monkeypatch: pytest.MonkeyPatch):
     live = [await _live_token(core, realm) for _ in range(12)]
     unknown = digest(new_token())
     before = _rotation_sizes()
+    out, most = 0, 0
+    rotate_many = RefreshTokenRepo.rotate_live_many
+
+    async def counted(self: Any, rotations: Any) -> Any:
+        nonlocal out, most
+        out += 1
+        most = max(most, out)
+        try:
+            return await rotate_many(self, rotations)
+        finally:
+            out -= 1
+
+    monkeypatch.setattr(RefreshTokenRepo, "rotate_live_many", counted)
+    statements = recorded_calls(monkeypatch, RefreshTokenRepo, "rotate_live_many")
     rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
     found = await asyncio.gather(*(core.store.rotate_live(rotation)
                                    for rotation in [*rotations, _rotation(core, realm, unknown)]))
     assert [answer[0].id if answer else None for answer in found] == [
         *(session.id for _, session, _ in live), None]
-    if core.store.round_trips:  # PostgreSQL: one statement for all thirteen
-        assert [len(sent) for sent in statements] == [13]
-        assert _rotation_sizes() == (before[0] + 1, before[1] + 13)
+    if core.store.round_trips:  # PostgreSQL: statements of eight at most, one out at a time
+        assert [len(sent) for sent in statements] == [db.ROTATIONS_PER_STATEMENT, 5]
+        assert most == db.ROTATION_STATEMENTS_IN_FLIGHT == 1
+        assert _rotation_sizes() == (before[0] + 2, before[1] + 13)
     else:  # SQLite: each in a write transaction of its own, committed together
         assert statements == []
+
+
+async def test_statements_are_planned_for_the_tables_as_they_are(tmp_path: Path):
+    """PostgreSQL: no connection keeps a generic plan made while a table was small
+    (store/db.py), however often it has run the statement."""
+    async with core_on_postgres(tmp_path) as (core, realm, _):
+        tokens = [await _live_token(core, realm) for _ in range(8)]  # statements run, many
+        for _, _, token in tokens:
+            assert await core.store.rotate_live(_rotation(core, realm, token.token_hash))
+        async with core.store.transaction() as tx:
+            mode = (await tx.conn.execute(text("SHOW plan_cache_mode"))).first()[0]
+    assert mode == db.PLAN_CACHE_MODE == "force_custom_plan"
 
 
 async def test_rotations_of_one_token_at_once_rotate_it_once(core: Core, realm: Realm):

@@ -159,6 +159,37 @@ async def test_no_more_reads_are_out_at_once_than_the_cap():
     assert most == 2
 
 
+async def test_a_held_read_is_sent_before_the_callers_of_the_one_back_are_answered():
+    events: list[tuple[str, list[str] | str]] = []
+    gates = [asyncio.Event(), asyncio.Event()]
+
+    async def read(keys: list[str]) -> list[str]:
+        events.append(("sent", keys))
+        await gates[len([e for e in events if e[0] == "sent"]) - 1].wait()
+        return [key.upper() for key in keys]
+
+    batched = Batched(read, in_flight=1)
+
+    async def caller(key: str) -> None:
+        await batched.get(key)
+        events.append(("answered", key))
+
+    first = asyncio.ensure_future(caller("a"))
+    for _ in range(5):  # "a" is out
+        await asyncio.sleep(0)
+    held = asyncio.ensure_future(caller("b"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gates[0].set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # "b" went out before the caller of "a" ran again: it is in the database meanwhile.
+    assert events == [("sent", ["a"]), ("sent", ["b"]), ("answered", "a")]
+    gates[1].set()
+    await asyncio.gather(first, held)
+    assert events[-1] == ("answered", "b")
+
+
 async def test_closing_waits_for_reads_held_back_by_the_cap():
     reads = Reads(delay=0.05)
     batched = Batched(reads, in_flight=1)

@@ -12,7 +12,9 @@ statement of its own would.
 A batch may also cap how many of its statements are out at once (``in_flight``): the calls
 asked for while the cap is reached wait for one to come back and then go out together. Where
 the event loop is the bottleneck, each statement's own cost (a send that wakes a backend, a
-reply to read) is then shared by more callers.
+reply to read) is then shared by more callers. A statement that comes back hands its place to
+the oldest held one, which is sent before its own callers are answered: the next statement is
+in the database while the event loop answers them.
 """
 
 from __future__ import annotations
@@ -67,7 +69,6 @@ class Batched(Generic[K, V]):
             pending = self._pending = []
             if self._in_flight is None or self._out < self._in_flight:
                 self._out += 1
-                # In a context of its own: the run belongs to no one caller's request.
                 loop.call_soon(self._send, pending, context=contextvars.Context())
             else:  # sent when a run comes back; callers join it until then
                 self._held.append(pending)
@@ -77,34 +78,49 @@ class Batched(Generic[K, V]):
     def _send(self, pending: list[tuple[K, asyncio.Future[V | None]]]) -> None:
         if self._pending is pending:
             self._pending = None
-        task = asyncio.get_running_loop().create_task(self._answer(pending))
+        # In a context of its own: the run belongs to no one caller's request.
+        task = asyncio.get_running_loop().create_task(self._answer(pending),
+                                                      context=contextvars.Context())
         self._running.add(task)
-        task.add_done_callback(self._answered)
+        task.add_done_callback(self._running.discard)
 
-    def _answered(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+    def _release(self) -> None:
+        """A run came back: its place goes to the oldest held one, sent now (self._out
+        unchanged), or is given up."""
         if self._held:
-            # The run's place goes to the oldest held one (self._out unchanged).
-            asyncio.get_running_loop().call_soon(self._send, self._held.popleft(),
-                                                 context=contextvars.Context())
+            self._send(self._held.popleft())
         else:
             self._out -= 1
 
     async def _answer(self, pending: list[tuple[K, asyncio.Future[V | None]]]) -> None:
-        waiting = [(key, waiter) for key, waiter in pending if not waiter.done()]
-        if not waiting:
-            return
+        released = False
         try:
-            found = await self._run([key for key, _ in waiting])
-        except asyncio.CancelledError:
-            for _, waiter in waiting:
-                waiter.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001 - every caller is told
-            for _, waiter in waiting:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            return
+            waiting = [(key, waiter) for key, waiter in pending if not waiter.done()]
+            if not waiting:
+                return
+            try:
+                found = await self._run([key for key, _ in waiting])
+            except asyncio.CancelledError:
+                for _, waiter in waiting:
+                    waiter.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every caller is told
+                for _, waiter in waiting:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                return
+            # The next run's task is made before these callers are woken, so it is sent
+            # first: it is in the database while the loop answers them.
+            released = True
+            self._release()
+            self._give(waiting, found)
+        finally:
+            if not released:
+                self._release()
+
+    def _give(self, waiting: list[tuple[K, asyncio.Future[V | None]]],
+              found: Sequence[V | Failed | None]) -> None:
+        """Each caller its value, or the error of its own call."""
         if len(found) != len(waiting):  # a run that broke its contract fails its callers
             found = [None] * len(waiting)
             error: Exception | None = RuntimeError(

@@ -78,6 +78,24 @@ GROUP_SIZES = Histogram("authgate_sqlite_group_commit_writes",
 # in 4), then 0.601 against 0.524 (6 rounds). One out at most measured lower than no cap,
 # three no higher. A modest gain at best on this noisy machine, and no loss seen.
 SESSION_READS_IN_FLIGHT = 2
+# Refreshes' rotations: one statement out at a time, of at most eight. Sent all together, the
+# rotations of a burst of refreshes came back together and were answered together, and the
+# event loop had nothing to do while the next burst's statement was in the database (busy 78 %
+# of the time under the refresh benchmark). In statements of eight, one out at a time, the
+# next statement is in the database while the loop answers the last (store/batch.py).
+# Refresh/trivial, alternated with the uncapped tree: 0.358 against 0.283 over 6 rounds (each
+# round 0.346-0.368), with PLAN_CACHE_MODE below.
+ROTATION_STATEMENTS_IN_FLIGHT = 1
+ROTATIONS_PER_STATEMENT = 8
+# Every statement is planned for the parameters and the tables as they are when it runs.
+# asyncpg prepares each statement once per connection, and after five executions PostgreSQL
+# may keep one generic plan for it, made for the tables as they were then: a connection that
+# first rotated tokens while ``refresh_tokens`` was small kept updating the rotated tokens by
+# reading the whole table (a sequential scan of 51,766 rows, 14 ms a statement instead of 1)
+# until autovacuum next analysed it, which on a new database can take minutes. Planning each
+# execution costs PostgreSQL tens of microseconds a statement; a plan made for another size of
+# table cost a hundred times that.
+PLAN_CACHE_MODE = "force_custom_plan"
 _PER_STATEMENT = (1, 2, 4, 8, 16, 32, 64, 100)  # callers of a batch (store/batch.MAX_KEYS)
 SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
                                "Bearer requests' session reads answered by one statement",
@@ -377,11 +395,13 @@ class SqlStore:
                      "db_idle_transaction_timeout")) -> None:
         self.engine = engine
         # PostgreSQL session settings of every connection: no request waits on the database
-        # for ever, and no stopped client holds its locks for ever.
+        # for ever, no stopped client holds its locks for ever, and no statement runs by a
+        # plan made for other tables (PLAN_CACHE_MODE).
         self._pg_settings = {
             "statement_timeout": str(max(1, round(statement_timeout * 1000))),
             "idle_in_transaction_session_timeout":
                 str(max(1, round(idle_transaction_timeout * 1000))),
+            "plan_cache_mode": PLAN_CACHE_MODE,
         }
         self.dialect = engine.dialect
         self.is_sqlite = engine.dialect.name == "sqlite"
@@ -403,9 +423,10 @@ class SqlStore:
         # Bearer requests' session reads, sent together, two statements out at most.
         self._session_reads: Batched[str, tuple[Session, User]] = Batched(
             self._sessions_with_users, in_flight=SESSION_READS_IN_FLIGHT)
-        # Refreshes' rotations, sent together (PostgreSQL).
+        # Refreshes' rotations, sent together (PostgreSQL), one statement out at a time.
         self._rotations: Batched[Rotation, tuple[Session, User]] = Batched(
-            self._rotate_many)
+            self._rotate_many, limit=ROTATIONS_PER_STATEMENT,
+            in_flight=ROTATION_STATEMENTS_IN_FLIGHT)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SqlStore:
