@@ -114,7 +114,6 @@ async def test_a_list_of_rotations_rotates_each_live_token_and_nothing_else(core
 
 
 async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Realm,
-                                                          statements: list[list[Rotation]],
                                                           monkeypatch: pytest.MonkeyPatch):
     live = [await _live_token(core, realm) for _ in range(12)]
     unknown = digest(new_token())
@@ -132,7 +131,8 @@ async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Re
             out -= 1
 
     monkeypatch.setattr(RefreshTokenRepo, "rotate_live_many", counted)
-    statements = recorded_calls(monkeypatch, RefreshTokenRepo, "rotate_live_many")
+    statements: list[list[Rotation]] = recorded_calls(monkeypatch, RefreshTokenRepo,
+                                                      "rotate_live_many")
     rotations = [_rotation(core, realm, token.token_hash) for _, _, token in live]
     found = await asyncio.gather(*(core.store.rotate_live(rotation)
                                    for rotation in [*rotations, _rotation(core, realm, unknown)]))

@@ -32,8 +32,8 @@ from authgate.api import (
     verification,
 )
 from authgate.api.docs import serve_docs
-from authgate.api.lanes import lanes, server_error
 from authgate.api.errors import native
+from authgate.api.lanes import lanes, server_error
 from authgate.api.surface import NUL_REFUSED, BadRequest, JSONResponse, Surface
 from authgate.config import Settings, load_master_secret
 from authgate.core.completion import completed

@@ -1,10 +1,11 @@
 """Hot endpoints served without FastAPI's request machinery.
 
 The token endpoint, userinfo and introspection carry most of a deployment's requests: every
-refresh, and every resource server's check of a bearer or a token. Through FastAPI, a request passes the framework's
-middleware stack (server errors, telemetry, body limits, exception handlers, exit stacks), the
-router's matching and the route's handler: about 300 Python calls around an endpoint that
-reads its own body and resolves its own realm (a refresh: 1,181 calls, 876 in a lane).
+refresh, and every resource server's check of a bearer or a token. Through FastAPI, a request
+passes the framework's middleware stack (server errors, telemetry, body limits, exception
+handlers, exit stacks), the router's matching and the route's handler: about 300 Python calls
+around an endpoint that reads its own body and resolves its own realm (a refresh: 1,181 calls,
+876 in a lane).
 
 A lane serves one such endpoint for one method and path, with what of that machinery it
 needs: the server's own outer middleware (``api/app.py``: body limit, NUL refusal, timing), its

@@ -83,8 +83,8 @@ SESSION_READS_IN_FLIGHT = 2
 # event loop had nothing to do while the next burst's statement was in the database (busy 78 %
 # of the time under the refresh benchmark). In statements of eight, one out at a time, the
 # next statement is in the database while the loop answers the last (store/batch.py).
-# Refresh/trivial, alternated with the uncapped tree: 0.358 against 0.283 over 6 rounds (each
-# round 0.346-0.368), with PLAN_CACHE_MODE below.
+# Refresh/trivial, alternated over 6 rounds with the tree before this and PLAN_CACHE_MODE:
+# 0.355 against 0.269 (bench/RESULTS.md, session 20).
 ROTATION_STATEMENTS_IN_FLIGHT = 1
 ROTATIONS_PER_STATEMENT = 8
 # Every statement is planned for the parameters and the tables as they are when it runs.
@@ -93,8 +93,8 @@ ROTATIONS_PER_STATEMENT = 8
 # first rotated tokens while ``refresh_tokens`` was small kept updating the rotated tokens by
 # reading the whole table (a sequential scan of 51,766 rows, 14 ms a statement instead of 1)
 # until autovacuum next analysed it, which on a new database can take minutes. Planning each
-# execution costs PostgreSQL tens of microseconds a statement; a plan made for another size of
-# table cost a hundred times that.
+# execution costs PostgreSQL tens of microseconds a statement (userinfo/trivial 1.06 -> 0.90,
+# alternated); a plan made for another size of table cost a hundred times that.
 PLAN_CACHE_MODE = "force_custom_plan"
 _PER_STATEMENT = (1, 2, 4, 8, 16, 32, 64, 100)  # callers of a batch (store/batch.MAX_KEYS)
 SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
