@@ -146,16 +146,30 @@ async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Re
         assert statements == []
 
 
-async def test_statements_are_planned_for_the_tables_as_they_are(tmp_path: Path):
-    """PostgreSQL: no connection keeps a generic plan made while a table was small
-    (store/db.py), however often it has run the statement."""
+async def test_rotations_are_planned_for_the_tables_as_they_are(tmp_path: Path):
+    """PostgreSQL: the rotations' connections keep no generic plan made while the table was
+    small, however often they have run a statement (store/db.py); the other connections keep
+    PostgreSQL's default."""
     async with core_on_postgres(tmp_path) as (core, realm, _):
-        tokens = [await _live_token(core, realm) for _ in range(8)]  # statements run, many
-        for _, _, token in tokens:
+        tokens = [await _live_token(core, realm) for _ in range(16)]
+        for _, _, token in tokens[:8]:  # one at a time: the one-token statement
             assert await core.store.rotate_live(_rotation(core, realm, token.token_hash))
-        async with core.store.transaction() as tx:
+        for _ in range(7):  # lists (of tokens rotated by the first): the list's statement
+            await asyncio.gather(*(core.store.rotate_live(_rotation(core, realm, token.token_hash))
+                                   for _, _, token in tokens[8:]))
+        async with core.store._rotating() as tx:
             mode = (await tx.conn.execute(text("SHOW plan_cache_mode"))).first()[0]
-    assert mode == db.PLAN_CACHE_MODE == "force_custom_plan"
+            prepared = [tuple(row) for row in await tx.conn.execute(text(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE '%UPDATE refresh_tokens%' "
+                "AND statement NOT LIKE '%pg_prepared_statements%'"))]
+        async with core.store.transaction() as tx:
+            elsewhere = (await tx.conn.execute(text("SHOW plan_cache_mode"))).first()[0]
+    assert mode == db.ROTATION_PLAN_CACHE_MODE == "force_custom_plan"
+    assert elsewhere == "auto"
+    assert len(prepared) == 2, [statement[:60] for statement, _, _ in prepared]
+    for statement, generic, custom in prepared:
+        assert generic == 0 and custom >= 7, (statement[:60], generic, custom)
 
 
 async def test_rotations_of_one_token_at_once_rotate_it_once(core: Core, realm: Realm):

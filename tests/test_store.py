@@ -437,11 +437,11 @@ async def test_batched_session_reads_read_each_row_by_its_key(backend: str, tmp_
         assert "ix_sessions_user_id" not in text_plan, text_plan
 
 
-async def test_bearer_reads_are_planned_for_the_tables_as_they_are(tmp_path: Path):
-    """PostgreSQL would plan a prepared statement for its values five times, then could keep
-    a general plan made for the tables as they were then. Every statement is planned for the
-    tables as they are instead (store/db.py ``PLAN_CACHE_MODE``): a general plan made while a
-    table was small had read the whole table for every rotation once it was not."""
+async def test_bearer_reads_one_at_a_time_are_not_planned_each_time(tmp_path: Path):
+    """PostgreSQL plans a prepared statement for its values five times, then keeps its general
+    plan unless planning for the values looks cheaper. For the batched read given one id it
+    always did (~90 µs of planning a read); one id alone is read by a statement whose general
+    plan PostgreSQL keeps."""
     async with _never_analysed("postgres", tmp_path, ()) as (store, realm, user):
         sessions = [a_session(realm, user) for _ in range(5)]
         async with store.transaction(write=True) as tx:
@@ -458,7 +458,7 @@ async def test_bearer_reads_are_planned_for_the_tables_as_they_are(tmp_path: Pat
     prepared = [tuple(row) for row in prepared if "pg_prepared_statements" not in row[0]]
     assert prepared, "no session read was prepared on the connection"
     for statement, generic, custom in prepared:
-        assert generic == 0 and custom >= 30, (statement[:80], generic, custom)
+        assert custom <= 5 and generic >= 25, (statement[:80], generic, custom)
 
 
 def _pg_type(compiled: object, name: str) -> str:

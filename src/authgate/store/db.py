@@ -83,19 +83,20 @@ SESSION_READS_IN_FLIGHT = 2
 # event loop had nothing to do while the next burst's statement was in the database (busy 78 %
 # of the time under the refresh benchmark). In statements of eight, one out at a time, the
 # next statement is in the database while the loop answers the last (store/batch.py).
-# Refresh/trivial, alternated over 6 rounds with the tree before this and PLAN_CACHE_MODE:
+# Refresh/trivial, this with the plans below, alternated over 6 rounds with the tree before:
 # 0.355 against 0.269 (bench/RESULTS.md, session 20).
 ROTATION_STATEMENTS_IN_FLIGHT = 1
 ROTATIONS_PER_STATEMENT = 8
-# Every statement is planned for the parameters and the tables as they are when it runs.
-# asyncpg prepares each statement once per connection, and after five executions PostgreSQL
-# may keep one generic plan for it, made for the tables as they were then: a connection that
-# first rotated tokens while ``refresh_tokens`` was small kept updating the rotated tokens by
-# reading the whole table (a sequential scan of 51,766 rows, 14 ms a statement instead of 1)
-# until autovacuum next analysed it, which on a new database can take minutes. Planning each
-# execution costs PostgreSQL tens of microseconds a statement (userinfo/trivial 1.06 -> 0.90,
-# alternated); a plan made for another size of table cost a hundred times that.
-PLAN_CACHE_MODE = "force_custom_plan"
+# Rotations are planned for the parameters and the tables as they are when they run, on
+# connections of their own. asyncpg prepares each statement once per connection, and after
+# five executions PostgreSQL may keep one generic plan for it, made for the tables as they
+# were then: a connection that first rotated tokens while ``refresh_tokens`` was small kept
+# updating the rotated tokens by reading the whole table (a sequential scan of 51,766 rows,
+# 14 ms a statement instead of 1) until autovacuum next analysed it, which on a new database
+# can take minutes. Planning each execution costs PostgreSQL tens of microseconds a statement:
+# set on every connection, it cost userinfo/trivial 1.06 -> 0.91 (alternated; the bearer reads
+# are written so that any plan reads each row by its key, and a test checks theirs).
+ROTATION_PLAN_CACHE_MODE = "force_custom_plan"
 _PER_STATEMENT = (1, 2, 4, 8, 16, 32, 64, 100)  # callers of a batch (store/batch.MAX_KEYS)
 SESSION_READ_SIZES = Histogram("authgate_session_reads_per_statement",
                                "Bearer requests' session reads answered by one statement",
@@ -395,13 +396,11 @@ class SqlStore:
                      "db_idle_transaction_timeout")) -> None:
         self.engine = engine
         # PostgreSQL session settings of every connection: no request waits on the database
-        # for ever, no stopped client holds its locks for ever, and no statement runs by a
-        # plan made for other tables (PLAN_CACHE_MODE).
+        # for ever, and no stopped client holds its locks for ever.
         self._pg_settings = {
             "statement_timeout": str(max(1, round(statement_timeout * 1000))),
             "idle_in_transaction_session_timeout":
                 str(max(1, round(idle_transaction_timeout * 1000))),
-            "plan_cache_mode": PLAN_CACHE_MODE,
         }
         self.dialect = engine.dialect
         self.is_sqlite = engine.dialect.name == "sqlite"
@@ -415,6 +414,8 @@ class SqlStore:
         self._group: _Group | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._pg_pool: asyncpg.Pool | None = None
+        # The rotations' own connections (ROTATION_PLAN_CACHE_MODE), one statement out at once.
+        self._pg_rotation_pool: asyncpg.Pool | None = None
         self._pg_idle = _IdleConnections(pool_size)
         self._pg_waiting = 0
         self._pg_closing = False
@@ -607,12 +608,47 @@ class SqlStore:
         if self._pg_pool is None:
             async with self._pg_pool_lock:
                 if self._pg_pool is None:
-                    url = self.engine.url.set(drivername="postgresql")
-                    self._pg_pool = await asyncpg.create_pool(
-                        url.render_as_string(hide_password=False), min_size=1,
-                        max_size=self._pool_size, init=init_asyncpg_connection,
-                        reset=keep_session, server_settings=self._pg_settings)
+                    self._pg_pool = await self._new_pool(self._pool_size, self._pg_settings)
         return self._pg_pool
+
+    async def _rotation_pool(self) -> asyncpg.Pool:
+        """The rotations' pool: a connection for each statement out at once, planning each
+        execution (ROTATION_PLAN_CACHE_MODE)."""
+        if self._pg_rotation_pool is None:
+            async with self._pg_pool_lock:
+                if self._pg_rotation_pool is None:
+                    self._pg_rotation_pool = await self._new_pool(
+                        ROTATION_STATEMENTS_IN_FLIGHT,
+                        {**self._pg_settings, "plan_cache_mode": ROTATION_PLAN_CACHE_MODE})
+        return self._pg_rotation_pool
+
+    async def _new_pool(self, size: int, settings: dict[str, str]) -> asyncpg.Pool:
+        url = self.engine.url.set(drivername="postgresql")
+        return await asyncpg.create_pool(
+            url.render_as_string(hide_password=False), min_size=1, max_size=size,
+            init=init_asyncpg_connection, reset=keep_session, server_settings=settings)
+
+    @asynccontextmanager
+    async def _rotating(self) -> AsyncIterator[SqlTx]:
+        """A connection of the rotations' pool, in autocommit: ``transaction(write=True,
+        single=True)`` for the rotations' statements."""
+        try:
+            pool = await self._rotation_pool()
+            raw = await pool.acquire()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        try:
+            yield SqlTx(DriverConnection(raw, self.dialect))  # type: ignore[arg-type]
+        except BaseException as exc:
+            down = unavailable(exc, raw)
+            if down is not None and down is not exc:
+                raise down from exc
+            raise
+        finally:
+            try:
+                await pool.release(raw)
+            except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
+                pass
 
     # Both.
 
@@ -656,7 +692,7 @@ class SqlStore:
         unavailable meanwhile, the rotations already made keep their answers."""
         ROTATION_SIZES.observe(len(rotations))
         try:
-            async with self.transaction(write=True, single=True) as tx:
+            async with self._rotating() as tx:
                 return list(await tx.refresh_tokens.rotate_live_many(rotations))
         except StoreUnavailable:
             raise
@@ -666,7 +702,7 @@ class SqlStore:
         answers: list[tuple[Session, User] | Failed | None] = []
         for at, rotation in enumerate(rotations):
             try:
-                async with self.transaction(write=True, single=True) as tx:
+                async with self._rotating() as tx:
                     answers.append(await tx.refresh_tokens.rotate_live(rotation))
             except StoreUnavailable as exc:  # those rotated keep their answers
                 return answers + [Failed(exc)] * (len(rotations) - at)
@@ -688,6 +724,8 @@ class SqlStore:
             for connection in self._pg_idle.drain():
                 await self._pg_hand_back(connection)
             await self._pg_pool.close()
+        if self._pg_rotation_pool is not None:
+            await self._pg_rotation_pool.close()
         if self._sqlite is not None:
             self._sqlite.close()
         await self.engine.dispose()
