@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -250,20 +250,25 @@ class _PgTransaction:
     def __init__(self, store: SqlStore, write: bool) -> None:
         self._store, self._write = store, write
 
+    def _acquire(self) -> Awaitable[Any]:
+        return self._store._pg_acquire()
+
+    def _give(self, raw: Any, clean: bool) -> Awaitable[None]:
+        return self._store._pg_give(raw, clean)
+
     async def __aenter__(self) -> SqlTx:
-        store = self._store
-        raw = self._raw = await store._pg_acquire()
+        raw = self._raw = await self._acquire()
         if self._write:
             transaction = self._transaction = raw.transaction()
             try:
                 await transaction.__aenter__()
             except BaseException as exc:
                 down = unavailable(exc, raw)
-                await store._pg_give(raw, clean=False)
+                await self._give(raw, False)
                 if down is not None:
                     raise down from exc
                 raise
-        return SqlTx(DriverConnection(raw, store.dialect))  # type: ignore[arg-type]
+        return SqlTx(DriverConnection(raw, self._store.dialect))  # type: ignore[arg-type]
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
@@ -278,9 +283,25 @@ class _PgTransaction:
                 raise down from failed
             raise
         finally:
-            await self._store._pg_give(self._raw, clean)
+            await self._give(self._raw, clean)
         if down is not None and down is not exc:
             raise down from exc
+
+
+class _PgRotation(_PgTransaction):
+    """Rotations' statements, in autocommit, on the rotations' own connection: planned for
+    the tables as they are (``ROTATION_PLAN_CACHE_MODE``)."""
+
+    __slots__ = ()
+
+    def __init__(self, store: SqlStore) -> None:
+        super().__init__(store, write=False)
+
+    def _acquire(self) -> Awaitable[Any]:
+        return self._store._connect(self._store._rotation_pool)
+
+    def _give(self, raw: Any, clean: bool) -> Awaitable[None]:
+        return self._store._pg_hand_back(raw, self._store._pg_rotation_pool)
 
 
 class _IdleConnections:
@@ -557,13 +578,18 @@ class SqlStore:
             await self._pg_hand_back(raw)  # asyncpg's cleanup, where it has not run yet
         self._pg_waiting += 1
         try:
-            pool = await self._pool()
-            return await pool.acquire()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # No connection could be made (refused, timed out, refused by the server).
-            raise StoreUnavailable(type(exc).__name__) from exc
+            return await self._connect(self._pool)
         finally:
             self._pg_waiting -= 1
+
+    @staticmethod
+    async def _connect(pool: Callable[[], Awaitable[asyncpg.Pool]]) -> Any:
+        """A connection from ``pool()``; StoreUnavailable when none could be made (refused,
+        timed out, refused by the server)."""
+        try:
+            return await (await pool()).acquire()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
 
     async def _pg_give(self, raw: Any, clean: bool) -> None:
         """Keep a connection whose transaction ended cleanly, else hand it back to asyncpg."""
@@ -575,10 +601,12 @@ class SqlStore:
             await self._release_stale()
         self._arm_sweep()
 
-    async def _pg_hand_back(self, raw: Any) -> None:
-        assert self._pg_pool is not None  # it handed out every connection there is
+    async def _pg_hand_back(self, raw: Any, pool: asyncpg.Pool | None = None) -> None:
+        """Give ``raw`` back to the pool it came from (``pool``, else the main one)."""
+        pool = pool if pool is not None else self._pg_pool
+        assert pool is not None  # it handed out every connection there is
         try:
-            await self._pg_pool.release(raw)
+            await pool.release(raw)
         except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
             pass
 
@@ -628,27 +656,9 @@ class SqlStore:
             url.render_as_string(hide_password=False), min_size=1, max_size=size,
             init=init_asyncpg_connection, reset=keep_session, server_settings=settings)
 
-    @asynccontextmanager
-    async def _rotating(self) -> AsyncIterator[SqlTx]:
-        """A connection of the rotations' pool, in autocommit: ``transaction(write=True,
-        single=True)`` for the rotations' statements."""
-        try:
-            pool = await self._rotation_pool()
-            raw = await pool.acquire()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
-        try:
-            yield SqlTx(DriverConnection(raw, self.dialect))  # type: ignore[arg-type]
-        except BaseException as exc:
-            down = unavailable(exc, raw)
-            if down is not None and down is not exc:
-                raise down from exc
-            raise
-        finally:
-            try:
-                await pool.release(raw)
-            except Exception:  # noqa: BLE001 - a failed reset: asyncpg terminated it already
-                pass
+    def _rotating(self) -> _PgRotation:
+        """``transaction(write=True, single=True)`` for the rotations' statements."""
+        return _PgRotation(self)
 
     # Both.
 
