@@ -174,11 +174,16 @@ async def app(settings: Settings, core: Core) -> Any:
     return create_app(settings, core)
 
 
+def asgi_client(app: Any, **options: Any) -> httpx.AsyncClient:
+    """A client of ``app`` in process, from 127.0.0.1 (``options``: the transport's)."""
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000), **options)
+    return httpx.AsyncClient(transport=transport, base_url="http://authgate.test")
+
+
 @pytest.fixture
 async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app in process (no network): for behaviour that does not depend on a real server."""
-    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://authgate.test") as c:
+    async with asgi_client(app) as c:
         yield c
 
 

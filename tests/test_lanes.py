@@ -19,7 +19,7 @@ from authgate.api.errors import native
 from authgate.api.lanes import hot, lanes
 from authgate.api.surface import JSONResponse
 from authgate.core.models import Realm
-from tests.conftest import realm_url, unique_email
+from tests.conftest import asgi_client, realm_url, unique_email
 from tests.test_native_api import resource_server
 
 PASSWORD = "correct horse battery staple"
@@ -39,11 +39,6 @@ async def signed_in(client: httpx.AsyncClient, realm: Realm) -> dict[str, Any]:
         "grant_type": "password", "username": email, "password": PASSWORD})
     assert response.status_code == 200, response.text
     return {"email": email, **response.json()}
-
-
-def _client(app: Any, **options: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000), **options)
-    return httpx.AsyncClient(transport=transport, base_url="http://authgate.test")
 
 
 class Counting:
@@ -77,7 +72,7 @@ async def test_hot_endpoints_are_served_without_the_framework(framework_counted,
     served, counters = framework_counted
     bearer = {"Authorization": f"Bearer {signed_in['access_token']}"}
     caller = await resource_server(core, realm)
-    async with _client(served) as http:
+    async with asgi_client(served) as http:
         answers = [
             await http.get(realm_url(realm, "/userinfo"), headers=bearer),
             await http.post(realm_url(realm, "/userinfo"), headers=bearer),
@@ -102,7 +97,7 @@ async def test_hot_endpoints_are_served_without_the_framework(framework_counted,
 async def _framework_answer(app: Any, method: str, path: str, **request: Any) -> httpx.Response:
     """The answer of the FastAPI app that holds the route (what served it before lanes)."""
     fastapi_app = app.by_prefix["/realms"] if path.startswith("/realms/") else app.native
-    async with _client(fastapi_app) as http:
+    async with asgi_client(fastapi_app) as http:
         return await http.request(method, path, **request)
 
 
@@ -192,14 +187,14 @@ async def test_an_unexpected_error_in_a_lane_is_a_500_raised_to_the_server(
     monkeypatch.setattr(core.sessions, "refresh", broken)
     request = {"data": {"grant_type": "refresh_token",
                         "refresh_token": signed_in["refresh_token"]}}
-    async with _client(app, raise_app_exceptions=False) as http:
+    async with asgi_client(app, raise_app_exceptions=False) as http:
         response = await http.post(realm_url(realm, "/oauth/token"), **request)
     assert response.status_code == 500
     assert response.json() == {"error": "server_error",
                                "error_description": "An internal error occurred."}
     assert "unhandled error" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="a bug holding a secret"):
-        async with _client(app) as http:
+        async with asgi_client(app) as http:
             await http.post(realm_url(realm, "/oauth/token"), **request)
 
 
@@ -216,7 +211,7 @@ async def test_a_dialect_served_at_the_root_keeps_a_hot_path(settings, core, rea
     served = create_app(settings.model_copy(update={"dialects": ["tiledesk"],
                                                     "dialects_at_root": ["tiledesk"]}), core)
     bearer = {"Authorization": f"Bearer {signed_in['access_token']}"}
-    async with _client(served) as http:
+    async with asgi_client(served) as http:
         assert (await http.get("/userinfo", headers=bearer)).json() == {"dialect": True}
         # Under the realm's prefix, and for another method, the native endpoint answers.
         response = await http.get(realm_url(realm, "/userinfo"), headers=bearer)
