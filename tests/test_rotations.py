@@ -1,6 +1,6 @@
-"""Refreshes' rotations asked for at once: on PostgreSQL one statement for all of them
-(store/batch.py, ``RefreshTokenRepo.rotate_live_many``); each still all or nothing by itself,
-each caller with its own answer."""
+"""Refreshes' rotations asked for at once: on PostgreSQL one statement for all of them, on
+SQLite one write transaction (store/batch.py, ``RefreshTokenRepo.rotate_live_many``); each
+still all or nothing by itself, each caller with its own answer."""
 
 from __future__ import annotations
 
@@ -138,12 +138,13 @@ async def test_rotations_asked_for_at_once_go_out_together(core: Core, realm: Re
                                    for rotation in [*rotations, _rotation(core, realm, unknown)]))
     assert [answer[0].id if answer else None for answer in found] == [
         *(session.id for _, session, _ in live), None]
+    assert most == db.ROTATION_STATEMENTS_IN_FLIGHT == 1
     if core.store.round_trips:  # PostgreSQL: statements of eight at most, one out at a time
         assert [len(sent) for sent in statements] == [db.ROTATIONS_PER_STATEMENT, 5]
-        assert most == db.ROTATION_STATEMENTS_IN_FLIGHT == 1
         assert _rotation_sizes() == (before[0] + 2, before[1] + 13)
-    else:  # SQLite: each in a write transaction of its own, committed together
-        assert statements == []
+    else:  # SQLite: one write transaction for all of them
+        assert [len(sent) for sent in statements] == [13]
+        assert _rotation_sizes() == (before[0] + 1, before[1] + 13)
 
 
 async def test_rotations_are_planned_for_the_tables_as_they_are(tmp_path: Path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from authgate.core.models import ThrottleState, utcnow
 from authgate.store.db import SqlStore
@@ -149,3 +152,85 @@ async def test_a_writer_cancelled_while_it_waits_for_the_commit_still_lands(
         await task
     await write(store, "next")
     assert on_disk(store, "cancelled-late") and on_disk(store, "next")
+
+
+async def test_a_commit_that_fails_tells_every_member_and_frees_the_writer(
+        store: SqlStore) -> None:
+    """A failure at COMMIT itself (here a deferred foreign key, checked only then): every
+    member hears that its write did not land, nothing of the group is kept, and the next
+    writer gets a working transaction."""
+    hold = asyncio.Event()
+
+    async def breaks_a_key_at_commit() -> None:
+        async with store.transaction(write=True) as tx:
+            await tx.conn.execute(text("PRAGMA defer_foreign_keys = ON"))
+            await tx.conn.execute(text(
+                "INSERT INTO refresh_tokens (id, session_id, token_hash, created_at, expires_at) "
+                "VALUES ('t', 'no such session', 'h', '2026-01-01', '2027-01-01')"))
+
+    first = await queued_behind(store, hold)
+    breaking = asyncio.create_task(breaks_a_key_at_commit())
+    await asyncio.sleep(0)
+    hold.set()
+    results = await asyncio.gather(first, breaking, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, sqlite3.OperationalError), result
+        assert "not committed" in str(result) and "FOREIGN KEY" in str(result)
+    assert not on_disk(store, "first")
+    assert not store._write_lock.locked()
+    await write(store, "after")
+    assert on_disk(store, "after")
+
+
+async def test_a_commit_runs_in_the_committer_and_its_outcome_takes_one_turn_of_the_loop(
+        store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit runs off the event loop, in the committer's thread. When it is over, its
+    members and the writer queued next run within a couple of turns of the event loop: every
+    turn of a busy loop is long, and the write lock is held until then."""
+    turns = 0
+    done_at: list[int] = []
+    threads: list[str] = []
+
+    async def ticking() -> None:  # one count per turn of the loop, which never sleeps
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    await write(store, "warm")  # the committer exists
+    assert store._sqlite is not None
+    committer = store._sqlite.committer
+    submit = committer.submit
+
+    def submitted(fn: Any, *args: Any) -> Any:
+        def commit() -> Any:
+            threads.append(threading.current_thread().name)
+            try:
+                return fn(*args)
+            finally:
+                done_at.append(turns)
+        return submit(commit)
+
+    monkeypatch.setattr(committer, "submit", submitted)
+    ticker = asyncio.create_task(ticking())
+    try:
+        started_at: list[int] = []
+
+        async def next_writer() -> None:
+            async with store.transaction(write=True) as tx:
+                started_at.append(turns)
+                await tx.throttle.save(ThrottleState(key="next", failures=1,
+                                                     window_started_at=utcnow()))
+
+        first = asyncio.create_task(write(store, "first"))
+        while not store._write_lock.locked():
+            await asyncio.sleep(0)
+        while store._group is not None:  # the first's work is done: its commit is under way
+            await asyncio.sleep(0)
+        second = asyncio.create_task(next_writer())
+        await asyncio.gather(first, second)
+    finally:
+        ticker.cancel()
+    assert threads and all(name.startswith("authgate-sqlite-commit") for name in threads)
+    assert started_at[0] - done_at[0] <= 3, (done_at, started_at)
+    assert on_disk(store, "first") and on_disk(store, "next")

@@ -14,8 +14,12 @@ loop never waits for a lock:
 - Group commit: writers that queue while one is working share its transaction, each inside a
   savepoint of its own (a writer that fails rolls back only its own changes). The last of them
   commits for all, and none returns before that commit is on disk: one fsync serves many
-  writes, with the durability of one commit each. The fsync runs in a thread (sqlite3 releases
-  the GIL), so other requests are served meanwhile.
+  writes, with the durability of one commit each. The commit runs in a thread of its own, the
+  committer (sqlite3 releases the GIL), so other requests are served meanwhile; its outcome
+  comes back to the event loop in one callback, which tells every member and releases the
+  write lock. Awaited through asyncio's thread helpers, a task and ``shield``, the outcome had
+  taken six or so turns of a busy event loop to reach the members and the next writer: under
+  the refresh benchmark a commit of 0.6 ms held the write lock for 3 ms.
 - Reads run in autocommit (each statement its own snapshot) on ``query_only`` connections, so a
   write attempted in a read transaction fails at once instead of waiting for a lock.
 
@@ -26,6 +30,8 @@ in a READ COMMITTED transaction.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,11 +48,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from authgate.config import Settings
-from authgate.core.completion import finishing
 from authgate.core.models import Rotation, Session, User
 from authgate.core.ports import StoreUnavailable
 from authgate.store.batch import Batched, Failed
 from authgate.store.fastexec import (
+    Result,
     connection_lost,
     init_asyncpg_connection,
     json_text,
@@ -54,6 +60,7 @@ from authgate.store.fastexec import (
     keep_session,
     run_asyncpg,
     run_sqlite,
+    run_sqlite_many,
     unavailable,
     unwrap,
 )
@@ -87,6 +94,13 @@ SESSION_READS_IN_FLIGHT = 2
 # 0.355 against 0.269 (bench/RESULTS.md, session 20).
 ROTATION_STATEMENTS_IN_FLIGHT = 1
 ROTATIONS_PER_STATEMENT = 8
+# On SQLite the rotations asked for meanwhile share one write transaction (one member of the
+# group commit), each kind of write made by one statement run for each of them: a rotation's
+# four statements, savepoint, lock and wait for the commit had cost the event loop about
+# 160 µs, 105 µs this way. One transaction out at a time; two measured lower (0.25 against
+# 0.30). Refresh/trivial, alternated over 4 rounds with the tree before (that and the commit's
+# one callback, below): 0.299 against 0.237 (bench/RESULTS.md, session 21).
+SQLITE_ROTATIONS_PER_TRANSACTION = 32
 # Rotations are planned for the parameters and the tables as they are when they run, on
 # connections of their own. asyncpg prepares each statement once per connection, and after
 # five executions PostgreSQL may keep one generic plan for it, made for the tables as they
@@ -156,8 +170,17 @@ class DriverConnection:
         self._sqlite = isinstance(raw, sqlite3.Connection)
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """``parameters``: a mapping; on SQLite also a list of mappings, the statement run
+        once for each (as SQLAlchemy's ``execute`` takes them)."""
         if self._sqlite:
+            if isinstance(parameters, list):
+                return run_sqlite_many(self._raw, self.dialect, statement, parameters)
             return run_sqlite(self._raw, self.dialect, statement, parameters)
+        if isinstance(parameters, list):  # a round trip each: the rows changed in all
+            changed = 0
+            for each in parameters:
+                changed += (await run_asyncpg(self._raw, self.dialect, statement, each)).rowcount
+            return Result([], changed)
         return await run_asyncpg(self._raw, self.dialect, statement, parameters)
 
 
@@ -175,12 +198,22 @@ class PlainConnection:
 
 
 class SqliteConnections:
-    """One writer and a few idle readers, all used on the event loop's thread."""
+    """One writer and a few idle readers, all used on the event loop's thread, and the
+    committer: the thread the writer's commits run in (the write lock keeps the event loop
+    off the writer meanwhile)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def committer(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="authgate-sqlite-commit")
+        return self._committer
 
     def _open(self, *, read_only: bool) -> sqlite3.Connection:
         busy = SQLITE_READ_BUSY_TIMEOUT_MS if read_only else 0
@@ -207,6 +240,9 @@ class SqliteConnections:
             connection.close()
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         for connection in [*self._readers, *([self._writer] if self._writer else [])]:
             connection.close()
         self._readers.clear()
@@ -349,38 +385,31 @@ class _IdleConnections:
 class _Group:
     """Write transactions that share one SQLite transaction and one commit."""
 
-    __slots__ = ("_done", "cause", "error", "lost", "size")
+    __slots__ = ("_over", "_waiters", "cause", "error", "lost", "size")
 
     def __init__(self) -> None:
         self.size = 0  # writers that joined
         self.lost = False  # a failure rolled back the whole transaction
         self.cause: BaseException | None = None  # that failure
         self.error: BaseException | None = None
-        self._done = asyncio.get_running_loop().create_future()
+        self._over = False
+        self._waiters: list[asyncio.Future[None]] = []
 
-    async def commit(self, connection: sqlite3.Connection) -> None:
-        """Commit (or, if lost, roll back) and tell every member. The wait for the fsync is not
-        cancellable: the connection is busy until it is over."""
-        cancelled = False
-        try:
-            if self.lost:
-                raise sqlite3.OperationalError("the transaction was rolled back by an error in "
-                                               "a write committed with it") from self.cause
-            commit, cancelled = await finishing(asyncio.to_thread(connection.commit))
-            commit.result()
-            GROUP_SIZES.observe(self.size)
-        except Exception as exc:  # noqa: BLE001 - every member is told
-            if connection.in_transaction:
-                connection.rollback()
-            self.error = exc
-        finally:
-            self._done.set_result(None)
-        if cancelled:
-            raise asyncio.CancelledError
+    def over(self, error: BaseException | None) -> None:
+        """The commit is over (``error``: it failed): every member waiting is told at once."""
+        self.error, self._over = error, True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     async def durable(self) -> None:
-        """Wait until the group's commit is on disk; raise if it failed."""
-        await asyncio.shield(self._done)
+        """Wait until the group's commit is on disk; raise if it failed. A member cancelled
+        meanwhile stops waiting; the commit and the other members go on."""
+        if not self._over:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
         if self.error is not None:
             cause = self.error.__cause__ or self.error
             if (down := unavailable(cause)) is not None:
@@ -445,9 +474,10 @@ class SqlStore:
         # Bearer requests' session reads, sent together, two statements out at most.
         self._session_reads: Batched[str, tuple[Session, User]] = Batched(
             self._sessions_with_users, in_flight=SESSION_READS_IN_FLIGHT)
-        # Refreshes' rotations, sent together (PostgreSQL), one statement out at a time.
+        # Refreshes' rotations, sent together, one statement (SQLite: transaction) out at a time.
         self._rotations: Batched[Rotation, tuple[Session, User]] = Batched(
-            self._rotate_many, limit=ROTATIONS_PER_STATEMENT,
+            self._rotate_many,
+            limit=SQLITE_ROTATIONS_PER_TRANSACTION if self.is_sqlite else ROTATIONS_PER_STATEMENT,
             in_flight=ROTATION_STATEMENTS_IN_FLIGHT)
 
     @classmethod
@@ -488,7 +518,7 @@ class SqlStore:
                         group.cause = exc.__cause__ or exc
                     raise
             finally:
-                await self._leave_group(connection, group)
+                self._leave_group(connection, group)
             await group.durable()
         except sqlite3.OperationalError as exc:  # locked past the wait, disk full, I/O error
             if (down := unavailable(exc)) is not None:
@@ -515,15 +545,52 @@ class SqlStore:
         self._group.size += 1
         return self._group
 
-    async def _leave_group(self, connection: sqlite3.Connection, group: _Group) -> None:
-        """Hand the open transaction to the next queued writer, or commit it."""
+    def _leave_group(self, connection: sqlite3.Connection, group: _Group) -> None:
+        """Hand the open transaction to the next queued writer, or commit it (roll it back, if
+        lost). The commit runs in the committer's thread, the write lock held until it is
+        over; ``_committed`` then tells the members and releases the lock, in one callback on
+        the event loop."""
         if self._writers_waiting and not group.lost and group.size < SQLITE_GROUP_COMMIT_MAX:
             self._write_lock.release()
             return
         self._group = None
+        if group.lost:
+            lost = sqlite3.OperationalError("the transaction was rolled back by an error in a "
+                                            "write committed with it")
+            lost.__cause__ = group.cause
+            self._end_group(connection, group, lost)
+            return
+        assert self._sqlite is not None
+        loop = asyncio.get_running_loop()
         try:
-            await group.commit(connection)
+            commit = self._sqlite.committer.submit(connection.commit)
+        except RuntimeError as exc:  # the store is closing
+            self._end_group(connection, group, exc)
+            return
+
+        def committed(commit: concurrent.futures.Future[None]) -> None:  # the committer's thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(self._committed, connection, group, commit)
+
+        commit.add_done_callback(committed)
+
+    def _committed(self, connection: sqlite3.Connection, group: _Group,
+                   commit: concurrent.futures.Future[None]) -> None:
+        error = commit.exception()
+        if error is None:
+            GROUP_SIZES.observe(group.size)
+        self._end_group(connection, group, error)
+
+    def _end_group(self, connection: sqlite3.Connection, group: _Group,
+                   error: BaseException | None) -> None:
+        """Tell the members the outcome and release the write lock; a failed commit is rolled
+        back first, so that the next writer starts afresh."""
+        try:
+            if error is not None and connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.rollback()
         finally:
+            group.over(error)
             self._write_lock.release()
 
     def _commit_if_orphaned(self) -> None:
@@ -656,9 +723,12 @@ class SqlStore:
             url.render_as_string(hide_password=False), min_size=1, max_size=size,
             init=init_asyncpg_connection, reset=keep_session, server_settings=settings)
 
-    def _rotating(self) -> _PgRotation:
-        """``transaction(write=True, single=True)`` for the rotations' statements."""
-        return _PgRotation(self)
+    def _rotating(self) -> AbstractAsyncContextManager[SqlTx]:
+        """``transaction(write=True, single=True)`` for the rotations' statements: on
+        PostgreSQL on the rotations' own connection."""
+        if self.round_trips:
+            return _PgRotation(self)
+        return self.transaction(write=True, single=True)
 
     # Both.
 
@@ -683,18 +753,18 @@ class SqlStore:
             return await tx.sessions.many_with_user(session_ids)
 
     async def rotate_live(self, rotation: Rotation) -> tuple[Session, User] | None:
-        """A refresh's rotation. On PostgreSQL, with the other rotations asked for in the same
-        turn of the event loop, in one statement (``store/batch``); on SQLite, whose writes
-        already share their commit (the group commit), in a write transaction of its own."""
-        if self.round_trips:
+        """A refresh's rotation, with the other rotations asked for in the same turn of the
+        event loop (``store/batch``): on PostgreSQL in one statement; on SQLite in one write
+        transaction of the group commit, each kind of write by one statement run for each."""
+        if self.round_trips or self._sqlite is not None:
             return await self._rotations.get(rotation)
         async with self.transaction(write=True, single=True) as tx:
             return await tx.refresh_tokens.rotate_live(rotation)
 
     async def _rotate_many(self, rotations: list[Rotation]
                            ) -> list[tuple[Session, User] | Failed | None]:
-        """One statement for up to ``MAX_KEYS`` rotations, in autocommit: all of them or,
-        when it fails, none. A lost connection fails every caller (nothing is sent again: the
+        """One statement (SQLite: one transaction) for up to ``ROTATIONS_PER_STATEMENT``
+        rotations: all of them or, when it fails, none. A lost connection fails every caller (nothing is sent again: the
         statement may have been carried out, and a client that tries again finds its token
         rotated, within the grace window). A statement refused for its values (one caller's
         text the database cannot keep, say) changed nothing either: each rotation is then
@@ -737,6 +807,8 @@ class SqlStore:
         if self._pg_rotation_pool is not None:
             await self._pg_rotation_pool.close()
         if self._sqlite is not None:
+            async with self._write_lock:  # a commit under way is over first
+                pass
             self._sqlite.close()
         await self.engine.dispose()
 

@@ -168,6 +168,22 @@ def run_sqlite(connection: sqlite3.Connection, dialect: Dialect, statement: Any,
         cursor.close()
 
 
+def run_sqlite_many(connection: sqlite3.Connection, dialect: Dialect, statement: Prebuilt,
+                    params: Sequence[dict[str, Any]]) -> Result:
+    """Run a prebuilt statement once for each set of ``params`` (``executemany``: one prepared
+    statement, stepped in C for each set), all with the names of the first. Gives the rows
+    changed in all."""
+    compiled = statement.compiled(dialect, _names(statement, params[0]))
+    cursor = connection.cursor()
+    try:
+        cursor.executemany(compiled.sql, [compiled.arguments(p) for p in params])
+        return Result([], cursor.rowcount)
+    except sqlite3.IntegrityError as exc:
+        raise IntegrityError(compiled.sql, None, exc) from None
+    finally:
+        cursor.close()
+
+
 def compile_dynamic(statement: Any, dialect: Dialect,
                     params: dict[str, Any] | None) -> tuple[Compiled, list[Any]]:
     """A statement built per call (rare paths): compiled now, with its literal values."""

@@ -151,10 +151,20 @@ class _Repo:
         self.conn = conn
 
     async def _insert(self, obj: Any, *, skip: Sequence[str] = ()) -> None:
+        await self._insert_rows(_values(obj, skip=skip))
+
+    async def _insert_many(self, objs: Sequence[Any], *, skip: Sequence[str] = ()) -> None:
+        """Several records of one class, by one statement run for each (SQLite's
+        ``executemany``)."""
+        if objs:
+            rows = [_values(obj, skip=skip) for obj in objs]
+            await self._insert_rows(rows[0] if len(rows) == 1 else rows)
+
+    async def _insert_rows(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
         statement = _statement(("insert", self.table.name), lambda: insert(self.table),
                                keyed=True)
         try:
-            await self.conn.execute(statement, _values(obj, skip=skip))
+            await self.conn.execute(statement, rows)
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
 
@@ -174,14 +184,25 @@ class _Repo:
                    **values: Any) -> int:
         """Compare-and-set: update the row whose ``key`` is ``value`` only while the ``unset``
         columns are still NULL. Returns the rows changed (0 or 1)."""
+        return await self._cas_many(key, [(value, values)], unset=unset)
+
+    async def _cas_many(self, key: str, changes: Sequence[tuple[Any, dict[str, Any]]], *,
+                        unset: tuple[str, ...] = ()) -> int:
+        """``_cas`` for each (key value, values) of ``changes``, all setting the same columns:
+        one statement, run for each on SQLite (``executemany``). Returns the rows changed."""
+        if not changes:
+            return 0
+        names = tuple(changes[0][1])
+
         def build() -> Any:
             c = self.table.c
             return (update(self.table)
                     .where(c[key] == bindparam("w_key"), *(c[u].is_(None) for u in unset))
-                    .values({name: bindparam(f"v_{name}") for name in values}))
+                    .values({name: bindparam(f"v_{name}") for name in names}))
 
-        statement = _statement(("cas", self.table.name, key, unset, tuple(values)), build)
-        result = await self.conn.execute(statement, {"w_key": value, **_params(values, "v_")})
+        statement = _statement(("cas", self.table.name, key, unset, names), build)
+        params = [{"w_key": value, **_params(values, "v_")} for value, values in changes]
+        result = await self.conn.execute(statement, params[0] if len(params) == 1 else params)
         return result.rowcount
 
     async def _one(self, *where: Any) -> Any:
@@ -593,45 +614,73 @@ class RefreshTokenRepo(_Repo):
         """PostgreSQL: one statement (a guarded UPDATE and the writes that follow it as
         data-modifying CTEs), so one round trip in autocommit. Elsewhere: one guarded read,
         then the writes, inside the caller's write transaction."""
-        r, event = rotation, rotation.event
-        params = {**_rotation_values(r), "user_status": "active"}
         if self.conn.dialect.name == "postgresql":
+            params = {**_rotation_values(rotation), "user_status": "active"}
             statement = _statement(("rotate_live", "postgresql"), _rotate_live_cte)
             row = (await self.conn.execute(statement, params)).first()
             return _session_and_user(row[1:]) if row is not None else None
-        statement = _statement(("rotate_live", "read"), lambda: (
+        return (await self._rotate_in_transaction([rotation]))[0]
+
+    async def _rotate_in_transaction(self, rotations: Sequence[m.Rotation]
+                                     ) -> list[tuple[m.Session, m.User] | None]:
+        """Rotations of distinct tokens inside the caller's write transaction (SQLite): each
+        token read by the guarded read, then each kind of write made for all the live ones by
+        one statement run for each (``executemany``), which costs the event loop a fraction of
+        a statement apiece."""
+        read = _statement(("rotate_live", "read"), lambda: (
             select(t.refresh_tokens.c.id, t.sessions, t.users)
             .select_from(t.refresh_tokens).where(_live_token())))
-        row = (await self.conn.execute(statement, params)).first()
-        if row is None:
-            return None
-        token_id, (session, user) = row[0], _session_and_user(row[1:])
-        now = r.now
-        await self.add(m.RefreshToken(
-            id=r.successor_id, session_id=session.id, token_hash=r.successor_hash,
-            created_at=now, expires_at=min(r.successor_expires_at, session.expires_at),
-            parent_id=token_id))
-        if not await self.mark_rotated(token_id, now, r.successor_id, r.successor_enc):
+        answers: list[tuple[m.Session, m.User] | None] = []
+        successors: list[m.RefreshToken] = []
+        rotated: list[tuple[str, dict[str, Any]]] = []
+        touched: list[tuple[str, dict[str, Any]]] = []
+        events: list[m.AuditEvent] = []
+        for r in rotations:
+            row = (await self.conn.execute(read, {
+                "token_hash": r.token_hash, "realm_id": r.realm_id, "client_id": r.client_id,
+                "now": r.now, "user_status": "active"})).first()
+            if row is None:
+                answers.append(None)
+                continue
+            token_id, (session, user) = row[0], _session_and_user(row[1:])
+            successors.append(m.RefreshToken(
+                id=r.successor_id, session_id=session.id, token_hash=r.successor_hash,
+                created_at=r.now, expires_at=min(r.successor_expires_at, session.expires_at),
+                parent_id=token_id))
+            rotated.append((token_id, {"rotated_at": r.now, "successor_id": r.successor_id,
+                                       "successor_enc": r.successor_enc}))
+            if session.last_used_at < r.touch_before:
+                touched.append((session.id, {"last_used_at": r.now}))
+            r.event.user_id, r.event.session_id = user.id, session.id
+            events.append(r.event)
+            answers.append((session, user))
+        await self._insert_many(successors)
+        if await self._cas_many("id", rotated, unset=("rotated_at",)) != len(rotated):
             raise Conflict("refresh token rotated concurrently")  # the write lock prevents it
-        if session.last_used_at < r.touch_before:
-            await SessionRepo(self.conn).touch(session.id, now)
-        event.user_id, event.session_id = user.id, session.id
-        await AuditRepo(self.conn).add(event)
-        return session, user
+        await SessionRepo(self.conn)._cas_many("id", touched)
+        await AuditRepo(self.conn)._insert_many(events, skip=("id",))
+        return answers
 
     async def rotate_live_many(self, rotations: Sequence[m.Rotation]
                                ) -> list[tuple[m.Session, m.User] | None]:
         """PostgreSQL, for several: one statement whatever their number, the rotations'
         values travelling as one list parameter each (``_rotations``). They are sent in the
         order of their tokens' hashes, the order in which the statement locks the tokens, so
-        two such statements never wait for each other in a cycle. Elsewhere, or for one: each
-        by ``rotate_live``, in the caller's transaction."""
+        two such statements never wait for each other in a cycle; one alone goes by
+        ``rotate_live``. Elsewhere (SQLite): all of them in the caller's transaction, each
+        kind of write by one statement run for each (``_rotate_in_transaction``)."""
         answers: list[tuple[m.Session, m.User] | None] = [None] * len(rotations)
         first: dict[str, int] = {}  # a token's first rotation; the others find it rotated
         for at, rotation in enumerate(rotations):
             first.setdefault(rotation.token_hash, at)
-        if len(first) == 1 or self.conn.dialect.name != "postgresql":
-            for at in sorted(first.values()):
+        if self.conn.dialect.name != "postgresql":
+            firsts = sorted(first.values())
+            rotated = await self._rotate_in_transaction([rotations[at] for at in firsts])
+            for at, answer in zip(firsts, rotated):
+                answers[at] = answer
+            return answers
+        if len(first) == 1:
+            for at in first.values():
                 answers[at] = await self.rotate_live(rotations[at])
             return answers
         sent = sorted(first.values(), key=lambda at: rotations[at].token_hash)
