@@ -524,6 +524,11 @@ class SessionRepo(_Repo):
     async def touch(self, session_id: str, at: datetime) -> None:
         await self._cas("id", session_id, last_used_at=at)
 
+    async def touch_many(self, touches: Sequence[tuple[str, datetime]]) -> None:
+        """``touch`` each (session id, when) of ``touches``, by one statement."""
+        await self._cas_many("id", [(session_id, {"last_used_at": at})
+                                    for session_id, at in touches])
+
     async def get_with_user(self, session_id: str) -> tuple[m.Session, m.User] | None:
         """A session and its user in one query."""
         query = _statement(("session_with_user",), _session_with_user)
@@ -633,7 +638,7 @@ class RefreshTokenRepo(_Repo):
         answers: list[tuple[m.Session, m.User] | None] = []
         successors: list[m.RefreshToken] = []
         rotated: list[tuple[str, dict[str, Any]]] = []
-        touched: list[tuple[str, dict[str, Any]]] = []
+        touched: list[tuple[str, datetime]] = []
         events: list[m.AuditEvent] = []
         for r in rotations:
             row = (await self.conn.execute(read, {
@@ -650,15 +655,15 @@ class RefreshTokenRepo(_Repo):
             rotated.append((token_id, {"rotated_at": r.now, "successor_id": r.successor_id,
                                        "successor_enc": r.successor_enc}))
             if session.last_used_at < r.touch_before:
-                touched.append((session.id, {"last_used_at": r.now}))
+                touched.append((session.id, r.now))
             r.event.user_id, r.event.session_id = user.id, session.id
             events.append(r.event)
             answers.append((session, user))
         await self._insert_many(successors)
         if await self._cas_many("id", rotated, unset=("rotated_at",)) != len(rotated):
             raise Conflict("refresh token rotated concurrently")  # the write lock prevents it
-        await SessionRepo(self.conn)._cas_many("id", touched)
-        await AuditRepo(self.conn)._insert_many(events, skip=("id",))
+        await SessionRepo(self.conn).touch_many(touched)
+        await AuditRepo(self.conn).add_many(events)
         return answers
 
     async def rotate_live_many(self, rotations: Sequence[m.Rotation]
@@ -1112,6 +1117,10 @@ class AuditRepo(_Repo):
 
     async def add(self, event: m.AuditEvent) -> None:
         await self._insert(event, skip=("id",))
+
+    async def add_many(self, events: Sequence[m.AuditEvent]) -> None:
+        """``add`` each of ``events``, by one statement."""
+        await self._insert_many(events, skip=("id",))
 
     async def recent(self, realm_id: str | None, *, limit: int = 50, user_id: str | None = None,
                      types: Sequence[str] = ()) -> list[m.AuditEvent]:
