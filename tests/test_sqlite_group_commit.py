@@ -182,10 +182,10 @@ async def test_a_commit_that_fails_tells_every_member_and_frees_the_writer(
     assert on_disk(store, "after")
 
 
-async def test_a_commit_runs_in_the_committer_and_its_outcome_takes_one_turn_of_the_loop(
+async def test_a_commit_runs_in_the_committer_and_the_next_writer_starts_within_three_turns(
         store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit runs off the event loop, in the committer's thread. When it is over, its
-    members and the writer queued next run within a couple of turns of the event loop: every
+    members and the writer queued next run within three turns of the event loop: every
     turn of a busy loop is long, and the write lock is held until then."""
     turns = 0
     done_at: list[int] = []
