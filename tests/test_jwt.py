@@ -64,6 +64,31 @@ def test_new_ids_are_random_version_4_uuids_in_canonical_form():
     assert bin(varied).count("1") == 128 - 6
 
 
+def test_ordered_ids_are_version_7_uuids_that_sort_by_when_they_were_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    from authgate.crypto import tokens
+
+    start = 1_700_000_000_000  # ms
+    clock = iter(range(start, start + 500))  # a millisecond apart, then...
+    monkeypatch.setattr(tokens.time, "time_ns", lambda: next(clock) * 1_000_000)
+    ids = [tokens.new_ordered_id() for _ in range(500)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for at, value in enumerate(ids):
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value  # canonical: lowercase, hyphenated
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert parsed.int >> 80 == start + at  # the milliseconds, first
+    monkeypatch.setattr(tokens.time, "time_ns", lambda: start * 1_000_000)
+    same = [tokens.new_ordered_id() for _ in range(500)]  # ...all in one millisecond
+    assert len(set(same)) == len(same)
+    varied = 0
+    for value in same:
+        varied |= uuid.UUID(value).int ^ uuid.UUID(same[0]).int
+    assert bin(varied).count("1") == 128 - 48 - 6  # every random bit varies
+
+
 def test_a_header_type_matches_without_case_or_the_application_prefix():
     from authgate.crypto.jwt import has_type
 

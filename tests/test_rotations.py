@@ -5,6 +5,7 @@ still all or nothing by itself, each caller with its own answer."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -386,3 +387,22 @@ async def test_a_refresh_held_up_past_the_grace_window_is_judged_by_when_it_was_
     async with core.store.transaction() as tx:
         live = await tx.sessions.get(tokens.session.id)
     assert live is not None and live.revoked_at is None
+
+
+async def test_refresh_tokens_are_keyed_by_ids_in_the_order_they_were_made(core: Core,
+                                                                          realm: Realm):
+    """Time-ordered (version 7) ids: each refresh's row goes to the end of the key's index."""
+    user, _, _ = await _live_token(core, realm)
+    raw = (await core.sessions.start(realm, user, amr=["pwd"])).refresh_token
+    for _ in range(3):
+        raw = (await core.sessions.refresh(realm, raw)).refresh_token
+    async with core.store.transaction() as tx:
+        first = await tx.refresh_tokens.by_hash(digest(raw))
+        assert first is not None
+        chain = await tx.refresh_tokens._all(session_id=first.session_id, order_by="created_at")
+    ids = [uuid.UUID(stored.id) for stored in chain]
+    assert len(ids) == 4 and all(i.version == 7 for i in ids)
+    made = [i.int >> 80 for i in ids]  # the milliseconds each was made in, first
+    assert made == sorted(made)
+    assert all(abs(ms / 1000 - stored.created_at.timestamp()) < 1
+               for ms, stored in zip(made, chain))

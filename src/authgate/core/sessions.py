@@ -30,7 +30,7 @@ from authgate.core.models import (
 )
 from authgate.core.ports import StaleUser
 from authgate.crypto.secretbox import DecryptionError
-from authgate.crypto.tokens import digest, new_id, new_token
+from authgate.crypto.tokens import digest, new_id, new_ordered_id, new_token
 
 if TYPE_CHECKING:
     from authgate.core.engine import Core
@@ -124,8 +124,12 @@ class Sessions:
         raw = new_token(32)
         now = self.core.now()
         ttl = timedelta(seconds=self.core.settings.refresh_token_ttl)
-        return raw, RefreshToken(id=new_id(), session_id=session.id, token_hash=digest(raw),
-                                 created_at=now, expires_at=min(now + ttl, session.expires_at))
+        # Refresh tokens are keyed by time-ordered ids: each refresh adds a row, and such ids
+        # add it at the end of the key's index (bench/ordered_ids.py). The id never leaves
+        # the store, and the row keeps its creation time anyway.
+        return raw, RefreshToken(id=new_ordered_id(), session_id=session.id,
+                                 token_hash=digest(raw), created_at=now,
+                                 expires_at=min(now + ttl, session.expires_at))
 
     # Tokens.
 
@@ -274,7 +278,7 @@ class Sessions:
         now = self.core.now()
         successor_raw = new_token(32)
         return Rotation(
-            token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_id(),
+            token_hash=token_hash, realm_id=realm.id, now=now, successor_id=new_ordered_id(),
             successor_hash=digest(successor_raw),
             successor_expires_at=now + timedelta(seconds=self.core.settings.refresh_token_ttl),
             successor_enc=self.core.box.encrypt(_SUCCESSOR, successor_raw.encode(), token_hash),
