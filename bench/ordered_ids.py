@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,7 +55,8 @@ def _past_ordered_id(at: datetime) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-async def _prepared(store: str, scheme: str, rows: int, data_dir: Path) -> tuple[Core, Any, list[str], str | None]:
+async def _prepared(store: str, scheme: str, rows: int,
+                    data_dir: Path) -> tuple[Core, Any, list[str], str | None]:
     """A core on a new database of ``store``: a user, 16 sessions (a chain each), and ``rows``
     rotated tokens of the past month spread over them."""
     pg_name, url = (None, f"sqlite+aiosqlite:///{data_dir / 'authgate.db'}") \
