@@ -763,8 +763,8 @@ class SqlStore:
 
     async def _rotate_many(self, rotations: list[Rotation]
                            ) -> list[tuple[Session, User] | Failed | None]:
-        """One statement (SQLite: one transaction) for up to ``ROTATIONS_PER_STATEMENT``
-        rotations: all of them or, when it fails, none. A lost connection fails every caller (nothing is sent again: the
+        """One statement (SQLite: one transaction) for a batch of rotations: all of them or,
+        when it fails, none. A lost connection fails every caller (nothing is sent again: the
         statement may have been carried out, and a client that tries again finds its token
         rotated, within the grace window). A statement refused for its values (one caller's
         text the database cannot keep, say) changed nothing either: each rotation is then
