@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import sys
@@ -43,16 +42,6 @@ from authgate.crypto.tokens import digest, new_id, new_ordered_id, new_token  # 
 HERE = Path(__file__).parent
 SCHEMES = {"random (v4)": new_id, "time-ordered (v7)": new_ordered_id}
 CHAINS = 16
-
-
-def _past_ordered_id(at: datetime) -> str:
-    """A version 7 id made at ``at``: the prefill's history, in the order it was made."""
-    stamp = int(at.timestamp() * 1000).to_bytes(6, "big")
-    raw = bytearray(stamp + os.urandom(10))
-    raw[6] = (raw[6] & 0x0F) | 0x70
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 async def _prepared(store: str, scheme: str, rows: int,
@@ -82,7 +71,8 @@ async def _prepared(store: str, scheme: str, rows: int,
         values = []
         for i in range(start, min(rows, start + batch)):
             at = now - timedelta(days=30) + timedelta(seconds=30 * 86400 * i / rows)
-            token_id = _past_ordered_id(at) if make is new_ordered_id else new_id()
+            token_id = (new_ordered_id(int(at.timestamp() * 1000)) if make is new_ordered_id
+                        else new_id())
             values.append({"id": token_id, "session_id": session_ids[i % len(session_ids)],
                            "token_hash": digest(new_token()), "created_at": at,
                            "expires_at": at + timedelta(days=30), "rotated_at": at})
