@@ -882,6 +882,30 @@ def test_sqlite_datetimes_keep_sqlalchemys_text_format():
         write(datetime(2026, 11, 23))  # naive
 
 
+def test_sqlite_datetime_texts_remembered_stay_exact():
+    """The SQLite bind processor remembers the texts it made (a write binds one moment several
+    times): a moment in another zone is the same text as its UTC twin, a naive twin of a
+    remembered moment is still refused, and moments past what it remembers are all exact."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+    dialect = SQLiteDialect_pysqlite()
+    write = t.UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    moment = datetime(2026, 11, 23, 9, 5, 7, tzinfo=UTC)
+    assert write(moment) == write(moment) == "2026-11-23 09:05:07.000000"
+    assert write(moment.astimezone(timezone(timedelta(hours=1)))) == "2026-11-23 09:05:07.000000"
+    assert write(datetime(2026, 11, 23, 10, 5, 7, 5, tzinfo=timezone(timedelta(hours=1)))) == \
+        "2026-11-23 09:05:07.000005"
+    with pytest.raises(ValueError):
+        write(datetime(2026, 11, 23, 9, 5, 7))  # naive, though its aware twin is remembered
+    assert write(None) is None
+    moments = [moment + timedelta(microseconds=i * 1_001) for i in range(1_000)]
+    for _ in range(2):
+        assert [write(m) for m in moments] == [
+            m.replace(tzinfo=None).isoformat(" ", "microseconds") for m in moments]
+
+
 async def test_the_pool_size_setting_bounds_the_postgresql_connections(tmp_path: Path):
     """``db_pool_size`` is how many backends a process may hold at once: more transactions
     than that wait for a connection rather than open another."""
