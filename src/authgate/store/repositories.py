@@ -64,6 +64,12 @@ def _loader(table: Table, cls: type[R]) -> Any:
 _FIELD_NAMES: dict[tuple[type[Any], tuple[str, ...]], tuple[str, ...]] = {}
 
 
+def _one_or_all(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """A statement's parameters for ``rows``: one row alone as a mapping, so that it runs as a
+    plain execute on every connection (SQLAlchemy's included), several as a list."""
+    return rows[0] if len(rows) == 1 else rows
+
+
 def _values(obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
     """A record's fields by name, but ``skip``: the names are worked out once per class."""
     key = (type(obj), tuple(skip))
@@ -157,8 +163,7 @@ class _Repo:
         """Several records of one class, by one statement run for each (SQLite's
         ``executemany``)."""
         if objs:
-            rows = [_values(obj, skip=skip) for obj in objs]
-            await self._insert_rows(rows[0] if len(rows) == 1 else rows)
+            await self._insert_rows(_one_or_all([_values(obj, skip=skip) for obj in objs]))
 
     async def _insert_rows(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
         statement = _statement(("insert", self.table.name), lambda: insert(self.table),
@@ -201,8 +206,8 @@ class _Repo:
                     .values({name: bindparam(f"v_{name}") for name in names}))
 
         statement = _statement(("cas", self.table.name, key, unset, names), build)
-        params = [{"w_key": value, **_params(values, "v_")} for value, values in changes]
-        result = await self.conn.execute(statement, params[0] if len(params) == 1 else params)
+        result = await self.conn.execute(statement, _one_or_all(
+            [{"w_key": value, **_params(values, "v_")} for value, values in changes]))
         return result.rowcount
 
     async def _one(self, *where: Any) -> Any:
@@ -521,11 +526,9 @@ class SessionRepo(_Repo):
             where += [c.revoked_at.is_(None), c.expires_at > live_at]
         return await self._many(*where, order_by=c.created_at.desc())
 
-    async def touch(self, session_id: str, at: datetime) -> None:
-        await self._cas("id", session_id, last_used_at=at)
-
     async def touch_many(self, touches: Sequence[tuple[str, datetime]]) -> None:
-        """``touch`` each (session id, when) of ``touches``, by one statement."""
+        """Record each (session id, when) of ``touches`` as its session's last use, by one
+        statement."""
         await self._cas_many("id", [(session_id, {"last_used_at": at})
                                     for session_id, at in touches])
 
@@ -612,8 +615,15 @@ class RefreshTokenRepo(_Repo):
 
     async def mark_rotated(self, token_id: str, at: datetime, successor_id: str,
                            successor_enc: bytes) -> bool:
-        return await self._cas("id", token_id, unset=("rotated_at",), rotated_at=at,
-                               successor_id=successor_id, successor_enc=successor_enc) == 1
+        return await self.mark_rotated_many([(token_id, at, successor_id, successor_enc)]) == 1
+
+    async def mark_rotated_many(self, marks: Sequence[tuple[str, datetime, str, bytes]]) -> int:
+        """``mark_rotated`` each (token id, when, successor id, sealed successor) of ``marks``,
+        by one statement; the tokens marked (those that were not rotated yet)."""
+        return await self._cas_many("id", [
+            (token_id, {"rotated_at": at, "successor_id": successor_id,
+                        "successor_enc": successor_enc})
+            for token_id, at, successor_id, successor_enc in marks], unset=("rotated_at",))
 
     async def rotate_live(self, rotation: m.Rotation) -> tuple[m.Session, m.User] | None:
         """PostgreSQL: one statement (a guarded UPDATE and the writes that follow it as
@@ -637,7 +647,7 @@ class RefreshTokenRepo(_Repo):
             .select_from(t.refresh_tokens).where(_live_token())))
         answers: list[tuple[m.Session, m.User] | None] = []
         successors: list[m.RefreshToken] = []
-        rotated: list[tuple[str, dict[str, Any]]] = []
+        rotated: list[tuple[str, datetime, str, bytes]] = []
         touched: list[tuple[str, datetime]] = []
         events: list[m.AuditEvent] = []
         for r in rotations:
@@ -652,15 +662,14 @@ class RefreshTokenRepo(_Repo):
                 id=r.successor_id, session_id=session.id, token_hash=r.successor_hash,
                 created_at=r.now, expires_at=min(r.successor_expires_at, session.expires_at),
                 parent_id=token_id))
-            rotated.append((token_id, {"rotated_at": r.now, "successor_id": r.successor_id,
-                                       "successor_enc": r.successor_enc}))
+            rotated.append((token_id, r.now, r.successor_id, r.successor_enc))
             if session.last_used_at < r.touch_before:
                 touched.append((session.id, r.now))
             r.event.user_id, r.event.session_id = user.id, session.id
             events.append(r.event)
             answers.append((session, user))
         await self._insert_many(successors)
-        if await self._cas_many("id", rotated, unset=("rotated_at",)) != len(rotated):
+        if await self.mark_rotated_many(rotated) != len(rotated):
             raise Conflict("refresh token rotated concurrently")  # the write lock prevents it
         await SessionRepo(self.conn).touch_many(touched)
         await AuditRepo(self.conn).add_many(events)
